@@ -4,9 +4,12 @@ These frozen objects are what the rest of appliance works with; `appliance.polic
 from YAML and is the only place that knows the file format. Everything a classifier needs is an
 integer here, so matching never parses strings on the packet path:
 
-* IP addresses live in one 128-bit space: IPv6 as is, IPv4 as IPv4-mapped IPv6
-  (``::ffff:a.b.c.d``), so a CIDR is always one closed integer interval and a rule may mix
-  families.
+* IP addresses live in one 129-bit space with the families kept apart: IPv6 as its 128-bit
+  value, IPv4 as ``IPV4_BASE + a.b.c.d`` (just above all of IPv6). A CIDR is one closed, aligned
+  integer interval, a rule may list both families, and a prefix of one family can never match
+  an address of the other: ``::/0`` is all of IPv6 and nothing of IPv4, and an IPv6 packet
+  carrying an IPv4-mapped address (``::ffff:a.b.c.d``) is an IPv6 address like any other (the
+  pipeline drops those before any rule sees them, see `appliance.guard`).
 * MAC addresses are 48-bit integers; ports, protocol, DSCP, VLAN and VNI are plain integers.
 * Every condition is a `FieldSet`: any-of positive intervals minus none-of negative intervals.
 """
@@ -18,8 +21,9 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Final
 
-IPV4_MAPPED_BASE: Final = 0xFFFF_0000_0000  # ::ffff:0:0/96 as an integer
-IPV4_MAPPED_MASK: Final = (1 << 128) - (1 << 32)  # the /96 mask of that block
+IPV4_BASE: Final = 1 << 128  # IPv4 address a.b.c.d is IPV4_BASE | a.b.c.d
+IPV4_TAG: Final = IPV4_BASE >> 32  # value >> 32 of every IPv4 address
+IPV6_MAPPED_BASE: Final = 0xFFFF_0000_0000  # ::ffff:0:0/96, IPv4-mapped IPv6 (never on the wire)
 
 # Order of the fields in a classifier lookup tuple (see `FIELDS`); `Fields` follows it too.
 FIELDS: Final = (
@@ -37,8 +41,8 @@ FIELDS: Final = (
 
 # Widths in bits of each field's integer space (used by classifiers and generators).
 FIELD_BITS: Final = {
-    "src": 128,
-    "dst": 128,
+    "src": 129,
+    "dst": 129,
     "src_port": 16,
     "dst_port": 16,
     "proto": 8,
@@ -54,27 +58,27 @@ PROTO_NAMES: Final = {v: k for k, v in PROTO_NUMBERS.items()}
 
 
 def ip_to_int(addr: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
-    """Map an IPv4 or IPv6 address into the shared 128-bit space (IPv4 -> ::ffff:a.b.c.d)."""
+    """Map an IPv4 or IPv6 address into the shared space (IPv4 -> ``IPV4_BASE | a.b.c.d``)."""
     a = ipaddress.ip_address(addr) if isinstance(addr, str) else addr
     if a.version == 4:
-        return IPV4_MAPPED_BASE | int(a)
+        return IPV4_BASE | int(a)
     return int(a)
 
 
 def int_to_ip(value: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """Inverse of `ip_to_int`: IPv4-mapped values come back as IPv4 addresses."""
-    if value & IPV4_MAPPED_MASK == IPV4_MAPPED_BASE:
+    """Inverse of `ip_to_int`."""
+    if value >> 32 == IPV4_TAG:
         return ipaddress.IPv4Address(value & 0xFFFF_FFFF)
     return ipaddress.IPv6Address(value)
 
 
 def is_ipv4(value: int) -> bool:
-    """True when a 128-bit address value is an IPv4-mapped one."""
-    return value & IPV4_MAPPED_MASK == IPV4_MAPPED_BASE
+    """True when an address value is an IPv4 one (False: IPv6)."""
+    return value >> 32 == IPV4_TAG
 
 
 def cidr_to_interval(text: str) -> tuple[int, int]:
-    """``"10.0.0.0/8"`` -> closed interval in the shared 128-bit space (strict=False)."""
+    """``"10.0.0.0/8"`` -> closed interval in the shared address space (strict=False)."""
     net = ipaddress.ip_network(text, strict=False)
     lo = ip_to_int(net.network_address)
     size = net.num_addresses
@@ -166,7 +170,7 @@ class Count:
 class Snat:
     """Rewrite the source address (and port, if given); return traffic is translated back."""
 
-    ip: int  # shared 128-bit space
+    ip: int  # shared address space (see ip_to_int)
     port: int | None = None
     kind: ActionKind = ActionKind.SNAT
 
@@ -185,7 +189,7 @@ class Encap:
     """VXLAN encapsulation. Outer MACs default to the inner frame's MACs when not given."""
 
     vni: int
-    local: int  # outer source IP, shared 128-bit space
+    local: int  # outer source IP, shared address space
     remote: int  # outer destination IP
     dst_port: int = 4789
     src_mac: int | None = None
@@ -249,7 +253,7 @@ class Port:
     name: str
     interface: str
     mac: int
-    ips: tuple[int, ...]  # shared 128-bit space
+    ips: tuple[int, ...]  # shared address space
     layers: tuple[str, ...]  # top (VM side) to bottom (wire side)
 
 

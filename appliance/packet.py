@@ -6,7 +6,8 @@ and fills one slotted `Headers` object instead of building a tree of layer objec
 
 Conventions shared with `appliance.model`:
 
-* IP addresses are integers in one 128-bit space; IPv4 is IPv4-mapped (``::ffff:a.b.c.d``).
+* IP addresses are integers in the shared space of `appliance.model` (IPv4 is
+  ``IPV4_BASE | a.b.c.d``, IPv6 its 128-bit value: the families never overlap).
 * MAC addresses are 48-bit integers.
 * A bad frame is never an exception: `parse` returns one of `DROP_REASONS` instead, so the
   datapath can count and drop it. Exceptions are reserved for programming errors (for example
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from appliance.model import IPV4_MAPPED_BASE, is_ipv4
+from appliance.model import IPV4_BASE, is_ipv4
 
 # --- protocol numbers -------------------------------------------------------------------------
 
@@ -147,7 +148,7 @@ class Headers:
     ethertype: int  # after all VLAN tags (up to 2 tags, QinQ)
     l3_off: int  # offset of the L3 header in the frame
     ip_version: int | None = None
-    src: int | None = None  # 128-bit space (IPv4-mapped for IPv4)
+    src: int | None = None  # shared address space (appliance.model.ip_to_int)
     dst: int | None = None
     proto: int | None = None  # IPv4 protocol / IPv6 upper-layer header after extension headers
     dscp: int | None = None
@@ -167,7 +168,7 @@ class Headers:
     embedded: Headers | None = None  # ICMP error: the quoted packet (offsets in outer frame)
     arp_op: int | None = None
     arp_sha: int | None = None
-    arp_spa: int | None = None  # 128-bit space (IPv4-mapped)
+    arp_spa: int | None = None  # shared address space (IPv4)
     arp_tha: int | None = None
     arp_tpa: int | None = None
     nd_target: int | None = None  # ICMPv6 NS/NA target address
@@ -182,9 +183,13 @@ class Headers:
 # ==============================================================================================
 
 
-def parse(frame: bytes) -> Headers | str:
-    """Parse an Ethernet frame; a drop-reason string from `DROP_REASONS` if it is malformed."""
-    return _parse_eth(frame, 0, len(frame), True)
+def parse(frame: bytes, *, tunnel: bool = True) -> Headers | str:
+    """Parse an Ethernet frame; a drop-reason string from `DROP_REASONS` if it is malformed.
+
+    ``tunnel=False`` parses the way a VXLAN inner frame is parsed (UDP to 4789 is plain UDP):
+    the frame a decap leaves behind must be read exactly as it was read inside the tunnel.
+    """
+    return _parse_eth(frame, 0, len(frame), tunnel)
 
 
 def _parse_eth(frame: bytes, off: int, end: int, outer: bool) -> Headers | str:
@@ -231,8 +236,8 @@ def _parse_ipv4(frame: bytes, h: Headers, end: int, outer: bool) -> str | None:
     if vihl >> 4 != 4 or ihl < 20 or total < ihl or o + total > end:
         return MALFORMED_IPV4
     h.ip_version = 4
-    h.src = IPV4_MAPPED_BASE | src
-    h.dst = IPV4_MAPPED_BASE | dst
+    h.src = IPV4_BASE | src
+    h.dst = IPV4_BASE | dst
     h.proto = proto
     h.dscp = tos >> 2
     h.ttl = ttl
@@ -433,8 +438,8 @@ def _parse_quoted_ipv4(frame: bytes, h: Headers, q: int, end: int) -> Headers | 
         ETHERTYPE_IPV4,
         q,
         4,
-        IPV4_MAPPED_BASE | src,
-        IPV4_MAPPED_BASE | dst,
+        IPV4_BASE | src,
+        IPV4_BASE | dst,
         proto,
         tos >> 2,
         ttl,
@@ -510,9 +515,9 @@ def _parse_arp(frame: bytes, h: Headers, end: int) -> str | None:
         return MALFORMED_ARP
     h.arp_op = op
     h.arp_sha = sha_hi << 32 | sha_lo
-    h.arp_spa = IPV4_MAPPED_BASE | spa
+    h.arp_spa = IPV4_BASE | spa
     h.arp_tha = tha_hi << 32 | tha_lo
-    h.arp_tpa = IPV4_MAPPED_BASE | tpa
+    h.arp_tpa = IPV4_BASE | tpa
     return None
 
 
@@ -628,7 +633,7 @@ def fast_flow_key(frame: bytes) -> tuple | None:
             return None
     else:
         return None
-    return (None, proto, IPV4_MAPPED_BASE | src, sport, IPV4_MAPPED_BASE | dst, dport, None)
+    return (None, proto, IPV4_BASE | src, sport, IPV4_BASE | dst, dport, None)
 
 
 def _fast6(frame: bytes) -> tuple | None:
@@ -685,7 +690,7 @@ def _adjust(csum: int, old: bytes | bytearray, new: bytes | bytearray) -> int:
 
 
 def pseudo_header(src: int, dst: int, proto: int, length: int) -> bytes:
-    """TCP/UDP/ICMPv6 pseudo-header for addresses in the 128-bit space (family of ``src``)."""
+    """TCP/UDP/ICMPv6 pseudo-header for addresses in the shared space (family of ``src``)."""
     if is_ipv4(src):
         return struct.pack("!IIBBH", src & 0xFFFF_FFFF, dst & 0xFFFF_FFFF, 0, proto, length)
     return src.to_bytes(16, "big") + dst.to_bytes(16, "big") + struct.pack("!IxxxB", length, proto)
@@ -749,7 +754,7 @@ _L4_NAMES: Final = {
 
 
 def _addr_bytes(value: int, version: int) -> bytes:
-    """Wire form of a 128-bit-space address for a header of IP ``version``."""
+    """Wire form of a shared-space address for a header of IP ``version``."""
     if version == 4:
         if not is_ipv4(value):
             raise ValueError(f"IPv6 address {value:#x} for an IPv4 packet")

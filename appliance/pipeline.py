@@ -37,12 +37,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from appliance import guard, policydiff
 from appliance import packet as pk
-from appliance import policydiff
 from appliance.actions import CompiledActions, EncapSpec, TokenBucket
 from appliance.classifier import Classifier
 from appliance.counters import CounterBook
 from appliance.datapath.base import Datapath
+from appliance.faults import INTERNAL_ERROR, Fault, make_fault
 from appliance.flows import DEFAULT_MAX_FLOWS, Conn, Flow, FlowTable, LayerStep
 from appliance.model import (
     Action,
@@ -154,7 +155,7 @@ class Counters:
     """Packets, bytes, drops by reason (also per ingress) and paths, counted per packet;
     per-rule and per-port traffic is derived from flows (`appliance.counters`)."""
 
-    __slots__ = ("bytes", "drops", "packets", "paths", "port_drops")
+    __slots__ = ("bytes", "drops", "faults", "packets", "paths", "port_drops")
 
     def __init__(self) -> None:
         self.packets = 0
@@ -162,6 +163,7 @@ class Counters:
         self.drops: collections.Counter[str] = collections.Counter()
         self.port_drops: collections.Counter[tuple[str, str]] = collections.Counter()
         self.paths: collections.Counter[str] = collections.Counter()
+        self.faults: collections.Counter[str] = collections.Counter()  # by Fault.cause
 
 
 def _make_copier():
@@ -254,6 +256,26 @@ def _lone_drop(flow: Flow) -> bool:
     return flow.actions.output is None and flow.conn.reverse is None
 
 
+class PacketInvariantError(Exception):
+    """A frame the pipeline had already parsed does not parse again: a bug, never input."""
+
+
+def _parse_known(frame: bytes, *, tunnel: bool = True) -> pk.Headers:
+    """Parse a frame that is known to be well-formed (it was parsed or keyed before)."""
+    h = pk.parse(frame, tunnel=tunnel)
+    if isinstance(h, str):
+        raise PacketInvariantError(f"re-parsing a known frame failed: {h}")
+    return h
+
+
+def _address_problem(h: pk.Headers) -> str | None:
+    """`appliance.guard.address_problem` for the outer and, for VXLAN, the inner packet."""
+    problem = guard.address_problem(h.src, h.dst)
+    if problem is None and h.inner is not None:
+        problem = guard.address_problem(h.inner.src, h.inner.dst)
+    return problem
+
+
 def _link_local_scope(dst: int) -> bool:
     """Limited broadcast, IPv4 local-network multicast (224.0.0.0/24), IPv6 ff02::/16."""
     if is_ipv4(dst):
@@ -286,7 +308,8 @@ class Pipeline:
         self.flows = FlowTable(timeouts, max_flows, on_remove=self.book.retire)
         self.counters = Counters()
         # called with ("created", conn) / ("expired", conn) / ("evicted", flow) off the
-        # per-packet path; the daemon turns them into operator events
+        # per-packet path, and ("fault", Fault); the daemon turns them into operator events
+        # and logs
         self.observers: list[Callable[[str, object], None]] = []
         self.generation = 0
         self._frags: dict[tuple, tuple[Flow, int]] = {}
@@ -372,7 +395,11 @@ class Pipeline:
             if conn.generation == gen or conn.removed:
                 continue
             stats.checked += 1
-            self._revalidate_conn(conn, now_ns, stats)
+            try:
+                self._revalidate_conn(conn, now_ns, stats)
+            except Exception as exc:  # fail closed: its next packet is evaluated afresh
+                self.record_fault("revalidate", exc, ingress=conn.forward.key[0])
+                self._discard(conn)
         stats.remaining = len(queue)
         if not queue:
             self.stale = False
@@ -489,11 +516,43 @@ class Pipeline:
             self._frags = {k: v for k, v in self._frags.items() if not v[0].conn.removed}
 
     def process(self, frame: bytes, ingress: str, now_ns: int) -> Result:
-        """Run one frame through the switch; see the module docstring."""
-        result = self._process(frame, ingress, now_ns)
+        """Run one frame through the switch; see the module docstring.
+
+        Never raises for a frame: an unexpected exception is a bug, and it costs this one
+        packet (dropped as ``internal_error``, see `appliance.faults`), never the switch.
+        """
+        try:
+            result = self._process(frame, ingress, now_ns)
+        except Exception as exc:
+            result = self.count_drop(ingress, self.record_fault("process", exc, ingress=ingress,
+                                                                frame=frame))
         if result.path != "nic":
             self.datapath.miss()
         return result
+
+    def record_fault(self, where: str, exc: BaseException, *, ingress: str | None = None,
+                     frame: bytes | None = None) -> Fault:
+        """Count an exception caught at a unit-of-work boundary and tell the observers.
+
+        Packets are counted by `_drop` (per port, reason ``internal_error``); this counts the
+        cause, for every kind of work (the daemon records its own boundaries here too).
+        """
+        fault = make_fault(where, exc, ingress=ingress, frame=frame)
+        self.counters.faults[fault.cause] += 1
+        self._emit("fault", fault)
+        return fault
+
+    def count_drop(self, ingress: str, fault: Fault) -> Result:
+        """Account the packet a fault cost (reason ``internal_error``, per port)."""
+        return self._drop(ingress, "host", INTERNAL_ERROR, note=fault.traceback)
+
+    def _discard(self, conn: Conn) -> None:
+        """Remove a connection whose handling failed; a failure here is recorded, not raised."""
+        try:
+            self._remove_conn(conn)
+        except Exception as exc:
+            self.record_fault("discard", exc, ingress=conn.forward.key[0])
+            self.flows.remove(conn)
 
     def _process(self, frame: bytes, ingress: str, now_ns: int) -> Result:
         if now_ns >= self.flows.next_sweep_ns:
@@ -536,6 +595,9 @@ class Pipeline:
             if flags is not None and self._restarts(flow, flags):
                 return self._slow(frame, h, ingress, key, now_ns)
             return self._run(flow, frame, h, ingress, now_ns, flags)
+        problem = _address_problem(h)
+        if problem is not None:
+            return self._drop(ingress, "host", problem, key=key)
         if h.embedded is not None:
             related = self._related(frame, h, ingress, now_ns)
             if related is not None:
@@ -567,6 +629,17 @@ class Pipeline:
     def observe(self, frame: bytes, ingress: str, now_ns: int) -> Flow | None:
         """Follow a copy of a packet the datapath already forwarded (TCP control flags).
 
+        Never raises for a frame (see `process`); a failure is recorded as a fault.
+        """
+        try:
+            return self._observe(frame, ingress, now_ns)
+        except Exception as exc:
+            self.record_fault("observe", exc, ingress=ingress, frame=frame)
+            return None
+
+    def _observe(self, frame: bytes, ingress: str, now_ns: int) -> Flow | None:
+        """The work of `observe`.
+
         Updates the connection's TCP state and last-seen time; executes nothing. A copy of a
         SYN that starts a new connection on a closed one replaces the old pair right away
         (evaluated afresh, installed, offloaded), so the server's SYN-ACK finds the new reply
@@ -589,9 +662,7 @@ class Pipeline:
             flags = t.tcp_flags or 0
         if self._restarts(flow, flags):
             if h is None:
-                parsed = pk.parse(frame)
-                assert not isinstance(parsed, str)
-                h = parsed
+                h = _parse_known(frame)
             new = self._slow(None, h, ingress, key, now_ns)
             if new.flow is not None:
                 self.flows.touch(new.flow, 0, now_ns, flags)  # SYN_SENT, counted by the kernel
@@ -645,9 +716,12 @@ class Pipeline:
         h = pk.parse(frame)
         if isinstance(h, str):
             return Result(ingress, "host", "drop", h)
-        if h.src is None:
-            return Result(ingress, "host", "drop", "non_ip")
         key = pk.flow_key(h)
+        if h.src is None or key is None:
+            return Result(ingress, "host", "drop", "non_ip")
+        problem = _address_problem(h)
+        if problem is not None:
+            return Result(ingress, "host", "drop", problem, key=key)
         flow = self.flows.get((ingress, key))
         if flow is not None:
             a = flow.actions
@@ -718,12 +792,10 @@ class Pipeline:
         """
         if a.decap or a.rewrites:
             if h is None:
-                h = pk.parse(frame)
-                assert not isinstance(h, str)
+                h = _parse_known(frame)
             if a.decap and h.inner is not None:
                 frame = pk.vxlan_decap(frame, h)
-                h = pk.parse(frame)
-                assert not isinstance(h, str)
+                h = _parse_known(frame, tunnel=False)  # read as it was inside the tunnel
             if a.rewrites:
                 frame = pk.rewrite(frame, h, src=a.src, dst=a.dst, sport=a.sport,
                                    dport=a.dport, icmp_id=a.icmp_id)
@@ -754,6 +826,9 @@ class Pipeline:
     def _arp(self, frame: bytes, h: pk.Headers, ingress: str) -> Result:
         if h.arp_op != 1 or h.arp_tpa is None:
             return self._drop(ingress, "host", "arp_not_request")
+        problem = guard.target_problem(h.arp_tpa)
+        if problem is not None:
+            return self._drop(ingress, "host", problem)
         mac = self._answer_mac(h.arp_tpa, ingress)
         if mac is None:
             return self._drop(ingress, "host", "arp_not_ours")
@@ -764,6 +839,10 @@ class Pipeline:
     def _nd(self, frame: bytes, h: pk.Headers, ingress: str) -> Result:
         if h.icmp_type != ND_NS or h.nd_target is None:
             return self._drop(ingress, "host", "nd_not_solicit")
+        problem = (guard.target_problem(h.nd_target)
+                   or guard.address_problem(h.src, h.dst))
+        if problem is not None:
+            return self._drop(ingress, "host", problem)
         mac = self._answer_mac(h.nd_target, ingress)
         if mac is None:
             return self._drop(ingress, "host", "nd_not_ours")
@@ -818,8 +897,7 @@ class Pipeline:
             # quoted packet's source) become the original sender's; its source (and the
             # quoted destination) the address the sender talked to (a VIP, for DNAT)
             out = pk.rewrite(out, h, src=a.src, dst=a.dst)
-            h2 = pk.parse(out)
-            assert not isinstance(h2, str)
+            h2 = _parse_known(out)
             out = pk.rewrite_embedded(out, h2, src=a.dst, sport=a.dport, dst=a.src,
                                       dport=a.sport)
         dest = self._ports.get(a.output)
@@ -1134,9 +1212,12 @@ class Pipeline:
               now_ns: int, create: bool = True, prefer_sport: int | None = None) -> Result:
         """Evaluate the layers, create the flow pair, offload, then execute the new flow."""
         if h is None:
-            parsed = pk.parse(frame)  # type: ignore[arg-type]
-            assert not isinstance(parsed, str)
-            h = parsed
+            h = _parse_known(frame)  # type: ignore[arg-type]
+        if key is None:  # e.g. a tunnel whose inner frame is not IP: nothing to key a flow on
+            return self._drop(ingress, "host", "non_ip")
+        problem = _address_problem(h)
+        if problem is not None:
+            return self._drop(ingress, "host", problem, key=key)
         if create and not self.flows.has_room(2) and not self._make_room(now_ns):
             self.flows.refused += 1
             return self._drop(ingress, "slow", "flow_limit", key=key)
@@ -1177,6 +1258,8 @@ class Pipeline:
     def _install(self, d: _Decision, ingress: str, key: tuple, h: pk.Headers,
                  now_ns: int) -> tuple[Flow, Flow | None]:
         """Put a decided flow pair into the table (not yet into the datapath)."""
+        if key is None or (d.rkey is not None and d.rkey[1] is None):
+            raise ValueError("a flow needs a key")  # callers drop key-less frames first
         macs = (h.src_mac, h.dst_mac) if h.inner is None else (h.inner.src_mac,
                                                                h.inner.dst_mac)
         dscp = (h.dscp, h.inner.dscp if h.inner is not None else None)

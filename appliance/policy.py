@@ -191,7 +191,7 @@ def _cidr(text: str) -> Interval:
 
 
 def _ip_item(item: object) -> tuple[bool, Interval]:
-    """One item of ``src``/``dst`` -> (negated, interval in the shared 128-bit space)."""
+    """One item of ``src``/``dst`` -> (negated, interval in the shared address space)."""
     if not isinstance(item, str):
         raise ValueError(f"{_show(item)} is not an IP address or CIDR")
     negated, body = _split_negation(item)
@@ -228,17 +228,27 @@ def _mac_item(item: object) -> tuple[bool, Interval]:
 
 
 def _address(value: object) -> int:
-    """A single IP address (no prefix) -> shared 128-bit space."""
+    """A single IP address (no prefix) -> shared address space.
+
+    An IPv4-mapped/compatible IPv6 address is refused: packets carrying one are dropped before
+    policy (appliance.guard), so a port, NAT or tunnel address of that form could never work.
+    """
     if not isinstance(value, str):
         raise ValueError(f"{_show(value)} is not an IP address")
     try:
-        return ip_to_int(ipaddress.ip_address(value.strip()))
+        addr = ipaddress.ip_address(value.strip())
     except ValueError:
         if "/" in value:
             raise ValueError(
                 f"{value!r} is not an IP address (a CIDR is not allowed here)"
             ) from None
         raise ValueError(f"{value!r} is not an IP address") from None
+    v4 = getattr(addr, "ipv4_mapped", None) or (
+        addr.version == 6 and int(addr) >> 32 == 0 and int(addr) > 1 and addr)
+    if v4:
+        raise ValueError(f"{value!r} is an IPv4-mapped/compatible IPv6 address, never used on "
+                         f"the wire; write the IPv4 address")
+    return ip_to_int(addr)
 
 
 def _field_set(parse_item: Callable[[object], tuple[bool, Interval]], value: object) -> FieldSet:

@@ -14,7 +14,8 @@ from typing import Final
 from appliance import packet as pk
 from appliance.capture import Capture, CapturedPacket, to_ethernet
 from appliance.datapath.sim import SimNic
-from appliance.model import IPV4_MAPPED_BASE, Direction, Policy
+from appliance.faults import INTERNAL_ERROR
+from appliance.model import IPV4_BASE, Direction, Policy
 from appliance.pipeline import Pipeline, Result
 from appliance.timeouts import Timeouts
 
@@ -73,7 +74,7 @@ class Replayer:
             return port
         ethertype = frame[12:14]
         if ethertype == b"\x08\x00" and len(frame) >= 34:  # untagged IPv4: no parse needed
-            return self._src_ip.get(IPV4_MAPPED_BASE | int.from_bytes(frame[26:30]), uplink)
+            return self._src_ip.get(IPV4_BASE | int.from_bytes(frame[26:30]), uplink)
         if ethertype == b"\x86\xdd" and len(frame) >= 38:
             return self._src_ip.get(int.from_bytes(frame[22:38]), uplink)
         h = pk.parse(frame)
@@ -95,12 +96,18 @@ class Replayer:
             for n, cp in enumerate(capture, 1):
                 if summary.first_ns is None:
                     summary.first_ns = cp.ts_ns
-                frame = cp.data if cp.linktype == LINKTYPE_ETHERNET else to_ethernet(
-                    cp.linktype, cp.data)
-                if frame is None:
-                    result = self.pipeline.reject("-", "unsupported_linktype")
-                else:
-                    result = process(frame, ingress_for(frame), cp.ts_ns)
+                frame = None
+                try:
+                    frame = cp.data if cp.linktype == LINKTYPE_ETHERNET else to_ethernet(
+                        cp.linktype, cp.data)
+                    if frame is None:
+                        result = self.pipeline.reject("-", "unsupported_linktype")
+                    else:
+                        result = process(frame, ingress_for(frame), cp.ts_ns)
+                except Exception as exc:  # a bug outside the pipeline: this packet only
+                    fault = self.pipeline.record_fault("replay", exc, frame=frame)
+                    result = self.pipeline.reject("-", INTERNAL_ERROR)
+                    result.note = fault.traceback
                 yield n, cp, frame, result
         finally:
             summary.packets = n
@@ -140,4 +147,5 @@ class Replayer:
                 "actions": sorted(str(k) for k in self.nic.capabilities),
             },
             "duration_s": ((s.last_ns - s.first_ns) / 1e9) if s.first_ns is not None else 0.0,
+            "internal_errors": dict(sorted(c.faults.items())),
         }

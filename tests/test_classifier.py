@@ -12,7 +12,7 @@ from appliance.classifier import Classifier, LinearClassifier
 from appliance.model import (
     FIELD_BITS,
     FIELDS,
-    IPV4_MAPPED_BASE,
+    IPV4_BASE,
     Allow,
     Deny,
     FieldSet,
@@ -264,7 +264,7 @@ def test_ipv4_and_ipv6_share_one_space(cls):
     assert c.lookup(key(dst=ip_to_int("1.2.3.4"))) is v4
     assert c.lookup(key(dst=ip_to_int("2001:db8::1"))) is v6
     assert c.lookup(key(dst=ip_to_int("2001:db9::1"))) is None
-    assert c.lookup(key(dst=IPV4_MAPPED_BASE - 1)) is None
+    assert c.lookup(key(dst=IPV4_BASE - 1)) is None
 
 
 @pytest.mark.parametrize("cls", [LinearClassifier, Classifier])

@@ -100,3 +100,16 @@ def test_short_vxlan_is_not_a_plain_udp_hit(dp) -> None:
     bad = _frame(pk.PROTO_UDP, dport=pk.VXLAN_PORT, payload=b"\x08\0\0")  # 3-byte "VXLAN"
     assert pk.parse(bad) == pk.MALFORMED_VXLAN
     assert _run(dp, bad) != tc.TC_ACT_REDIRECT
+
+
+@pytest.mark.parametrize("src,dst", [("::ffff:10.0.0.1", "::ffff:192.0.2.9"),
+                                     ("::10.0.0.1", "::192.0.2.9")])
+def test_ipv6_with_ipv4_mapped_addresses_never_hits_the_ipv4_flow(dp, src, dst) -> None:
+    # Issue 8: the key holds IPv4 as IPv4-mapped bytes, so an IPv6 packet carrying the mapped
+    # (or compatible) form of an offloaded IPv4 flow's addresses must miss, not ride it.
+    good = _frame(pk.PROTO_UDP, dport=53)
+    _install(dp, good)
+    assert _run(dp, good) == tc.TC_ACT_REDIRECT  # the IPv4 flow itself is a hit
+    v6 = pk.build_frame(src_mac=MA, dst_mac=MB, src=ip_to_int(src), dst=ip_to_int(dst),
+                        proto=pk.PROTO_UDP, sport=40000, dport=53, payload=b"hello world!")
+    assert _run(dp, v6) == tc.TC_ACT_UNSPEC

@@ -22,6 +22,7 @@ from appliance.policy import ConfigError, parse_policy
 GC_THRESHOLDS = (50_000, 20, 100)  # allocations, gen0 runs, gen1 runs
 EXIT_OK = 0
 EXIT_CONFIG = 1
+EXIT_CRASH = 70  # EX_SOFTWARE: a task crashed; the unit restarts the daemon
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -95,16 +96,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             nursery.cancel_scope.cancel()
 
     failures: list[str] = []
+    crashed = False
     try:
         trio.run(serve)
     except* StartupError as group:
         failures = [str(e) for e in _leaves(group)]
     except* KeyboardInterrupt:  # a second Ctrl-C while stopping
         pass
+    except* Exception as group:
+        # A whole task died (per-packet, per-request and per-event faults never get here).
+        # The daemon has already stopped failing static (the kernel keeps forwarding): log
+        # why, and exit non-zero for systemd to restart us, never half alive.
+        crashed = True
+        import structlog
+
+        for exc in _leaves(group):
+            structlog.get_logger("appliance.daemon").critical(
+                "crashed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
     if failures:
         for failure in failures:
             print(f"applianced: {failure}", file=sys.stderr)
         return EXIT_CONFIG
+    if crashed:
+        return EXIT_CRASH
     sdnotify.notify("STOPPING=1")
     return EXIT_OK
 

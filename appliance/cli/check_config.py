@@ -1,7 +1,9 @@
 """appliance-check-config: validate policy files without touching the datapath.
 
 Meant for CI and for operators before a reload: every problem in every file is printed, one
-``FILE: PATH: REASON`` line each, so a broken policy is fixed in one round trip.
+``FILE: PATH: REASON`` line each, so a broken policy is fixed in one round trip. Rules that
+validate but can never match are printed as warnings (`appliance.policylint`); they do not
+change the exit status.
 """
 
 import argparse
@@ -11,6 +13,7 @@ from typing import Final
 
 from appliance.model import Policy
 from appliance.policy import ConfigError, load_policy
+from appliance.policylint import policy_warnings
 
 EXIT_OK: Final = 0
 EXIT_INVALID: Final = 1  # usage errors exit 2, argparse's own convention
@@ -43,6 +46,8 @@ def _check(path: str) -> bool:
         print(f"{path}: internal error while checking: {exc!r}", file=sys.stderr)
         return False
     print(_summary(path, policy))
+    for line in policy_warnings(policy):
+        print(f"warning: {line}", file=sys.stderr)
     return True
 
 

@@ -19,6 +19,7 @@ from appliance import packet as pk
 from appliance.capture import CaptureError, PcapWriter, open_capture
 from appliance.datapath.cachepolicy import POLICIES
 from appliance.datapath.sim import DEFAULT_CAPACITY, DEFAULT_POLICY, SimNic
+from appliance.faults import INTERNAL_ERROR
 from appliance.keyfmt import key_dict, key_text
 from appliance.model import ActionKind, Direction
 from appliance.pipeline import Result, describe_action
@@ -142,7 +143,10 @@ def record_text(n: int, ts_ns: int, r: Result) -> str:
     verdict = (f"forward -> {r.out_port}" if r.verdict == "forward"
                else f"drop ({r.reason})")
     if r.path != "slow" or not r.steps:
-        note = f" [{r.note}]" if r.note else ""
+        text = r.note
+        if text and r.reason == INTERNAL_ERROR:  # the traceback's last line; --json has it all
+            text = text.strip().splitlines()[-1]
+        note = f" [{text}]" if text else ""
         return f"{head} {verdict}{note}"
     lines = [head]
     for s in r.steps:
@@ -177,6 +181,8 @@ def summary_text(s: dict[str, Any]) -> str:
     ]
     if s["drops"]:
         lines.append("  drops: " + ", ".join(f"{k} {v}" for k, v in s["drops"].items()))
+    for cause, count in s.get("internal_errors", {}).items():
+        lines.append(f"  internal error x{count}: {cause}")
     return "\n".join(lines)
 
 
@@ -247,6 +253,12 @@ def run(args: argparse.Namespace, out: IO[str]) -> int:
         out.write(summary_text(summary) + "\n")
     for w in capture.warnings:
         print(f"appliance-trace: warning: {w}", file=sys.stderr)
+    if summary["internal_errors"]:
+        # a bug in appliance, not in the capture: the run is complete, but it must not pass
+        for cause, count in summary["internal_errors"].items():
+            print(f"appliance-trace: internal error x{count}: {cause} (a bug; the packets are "
+                  "reported as drop internal_error, --json has the traceback)", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -38,9 +38,11 @@ from appliance.daemon.metrics import MetricsServer
 from appliance.daemon.netlink import Link, LinkEvent, LinkWatcher
 from appliance.daemon.settings import Settings
 from appliance.daemon.upcall import Injector, Upcall, UpcallReader
+from appliance.faults import Fault, make_fault
 from appliance.model import Policy
 from appliance.pipeline import Pipeline, RevalidationStats
 from appliance.policy import ConfigError, parse_policy
+from appliance.policylint import policy_warnings
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -50,6 +52,9 @@ MAX_TAG: Final = 0x7FF  # port tags fit in 11 bits (bit 0x800 marks copies)
 REVALIDATE_CHUNK: Final = 5000  # connections revalidated between yields to other tasks
 SYNC_CHUNK: Final = 1000  # flows folded between yields to other tasks (~1 ms of work)
 SLOW_PATH_SLICE: Final = 32  # upcalls evaluated between yields to other tasks
+FAULT_LOG_INTERVAL: Final = 60.0  # seconds between log lines for repeats of one fault cause
+FAULT_FRAME_HEX: Final = 512  # bytes of the frame shown in a fault's log line
+STOP_HEADLESS_FILE: Final = "stop-headless"  # in state_dir: the next SIGTERM stop is headless
 
 
 def _read_policy(path: Path) -> str:
@@ -59,6 +64,12 @@ def _read_policy(path: Path) -> str:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
     except UnicodeDecodeError as e:
         raise ConfigError([f"{path}: not UTF-8 text (byte {e.start})"]) from None
+
+
+def _log_warnings(policy: Policy) -> None:
+    """Rules that can never match (appliance.policylint): valid, but nearly always a mistake."""
+    for line in policy_warnings(policy):
+        log.warning("policy_rule_never_matches", detail=line)
 
 
 class StartupError(Exception):
@@ -144,6 +155,9 @@ class Daemon:
         self.upcall_channel: trio.MemorySendChannel[list[Upcall]] | None = None
         self.policy_text = policy_text  # the YAML the running policy was parsed from
         self.probe: dict[str, bool] = {}
+        self.operator_stop = False  # SIGTERM/SIGINT asked us to stop (else: a crash)
+        self.faults: collections.Counter[str] = collections.Counter()  # by Fault.where
+        self._fault_log = RateLimited(FAULT_LOG_INTERVAL)
 
     # ------------------------------------------------------------------ names
 
@@ -161,6 +175,31 @@ class Daemon:
             self.tags[name] = tag
             self.by_tag[tag] = name
         return tag
+
+    # ----------------------------------------------------------------- faults
+
+    def record_fault(self, where: str, exc: BaseException, *, ingress: str | None = None,
+                     frame: bytes | None = None) -> Fault:
+        """An exception caught at a unit-of-work boundary (upcall, IPC request, netlink
+        event, sweep step): counted, logged once per cause, and the daemon goes on."""
+        if self.pipeline is not None:
+            return self.pipeline.record_fault(where, exc, ingress=ingress, frame=frame)
+        fault = make_fault(where, exc, ingress=ingress, frame=frame)
+        self._on_fault(fault)
+        return fault
+
+    def _on_fault(self, fault: Fault) -> None:
+        """Log a fault: the first of each cause with traceback and frame, then rate-limited."""
+        self.faults[fault.where] += 1
+        if not self._fault_log.allow(fault.cause):
+            return
+        repeats = self._fault_log.suppressed.pop(fault.cause, 0)
+        log.error("internal_error", where=fault.where, cause=fault.cause, port=fault.ingress,
+                  error=fault.message, repeats_since_last_log=repeats,
+                  frame=fault.frame[:FAULT_FRAME_HEX].hex() if fault.frame else None,
+                  traceback=fault.traceback)
+        self.events.publish("internal_error", where=fault.where, cause=fault.cause,
+                            port=fault.ingress, error=fault.message)
 
     # --------------------------------------------------------------- datapath
 
@@ -221,16 +260,23 @@ class Daemon:
                 if ev.link is None:
                     self.links_synced.set()  # a full dump has been applied
                     continue
-                names = self._switch_names(self.policy)
-                name = names.get(ev.link.name)
-                if name is None:
-                    continue
-                if ev.kind == "removed":
-                    await self._detach(name, "device_removed")
-                elif ev.kind in ("added", "changed"):
-                    if ev.kind == "changed":
-                        log.info("link_state", name=name, device=ev.link.name, up=ev.link.up)
-                    await self._attach(name, ev.link)
+                try:
+                    await self._link_event(ev)
+                except Exception as exc:  # one bad event: the next dump/event repairs it
+                    self.record_fault("netlink", exc)
+
+    async def _link_event(self, ev: LinkEvent) -> None:
+        assert ev.link is not None
+        names = self._switch_names(self.policy)
+        name = names.get(ev.link.name)
+        if name is None:
+            return
+        if ev.kind == "removed":
+            await self._detach(name, "device_removed")
+        elif ev.kind in ("added", "changed"):
+            if ev.kind == "changed":
+                log.info("link_state", name=name, device=ev.link.name, up=ev.link.up)
+            await self._attach(name, ev.link)
 
     async def slow_path(self, batches: trio.MemoryReceiveChannel[list[Upcall]], *,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -249,26 +295,35 @@ class Daemon:
                     if ingress is None:
                         self.upcall_drops += 1
                         continue
-                    self.upcalls[ingress] += 1
-                    if up.copy:
-                        pipeline.observe(up.frame, ingress, now)
-                        continue
-                    if not pipeline.knows(up.frame, ingress) and not self._budget(
-                            ingress).admit(1, now):
-                        self.budget_drops[ingress] += 1
-                        if self._warn.allow(f"budget:{ingress}"):
-                            log.warning("upcall_budget_exceeded", port=ingress,
-                                        rate=self.settings.upcall_rate,
-                                        dropped=self.budget_drops[ingress])
-                        continue
-                    result = pipeline.process(up.frame, ingress, now)
-                    if result.path == "slow":
-                        self.setup_latency.observe((time.monotonic_ns() - now) / 1e9)
-                    if result.frame is not None and result.out_port is not None:
-                        device = self.devices.get(result.out_port)
-                        if device is None or not self.injector.send(result.frame, device):
-                            self.upcall_drops += 1
+                    try:
+                        self._upcall(pipeline, up, ingress, now)
+                    except Exception as exc:  # never reached for packet faults (the
+                        # pipeline isolates them); this covers the daemon's own steps
+                        fault = self.record_fault("upcall", exc, ingress=ingress,
+                                                  frame=up.frame)
+                        pipeline.count_drop(ingress, fault)
                 await trio.sleep(0)  # let the IPC server and ager in between batches
+
+    def _upcall(self, pipeline: Pipeline, up: Upcall, ingress: str, now: int) -> None:
+        """One upcall: follow a copy, or evaluate a miss within the port's budget and
+        re-inject the packet where its flow sends it."""
+        self.upcalls[ingress] += 1
+        if up.copy:
+            pipeline.observe(up.frame, ingress, now)
+            return
+        if not pipeline.knows(up.frame, ingress) and not self._budget(ingress).admit(1, now):
+            self.budget_drops[ingress] += 1
+            if self._warn.allow(f"budget:{ingress}"):
+                log.warning("upcall_budget_exceeded", port=ingress,
+                            rate=self.settings.upcall_rate, dropped=self.budget_drops[ingress])
+            return
+        result = pipeline.process(up.frame, ingress, now)
+        if result.path == "slow":
+            self.setup_latency.observe((time.monotonic_ns() - now) / 1e9)
+        if result.frame is not None and result.out_port is not None:
+            device = self.devices.get(result.out_port)
+            if device is None or not self.injector.send(result.frame, device):
+                self.upcall_drops += 1
 
     def _budget(self, ingress: str) -> TokenBucket:
         """Per-port slow-path budget: one port's flood of new flows cannot starve the others'
@@ -286,11 +341,17 @@ class Daemon:
         interval = self.settings.sweep_interval
         while True:
             await trio.sleep(interval)
-            await self.sync_counters_async()
-            await self.revalidate_all()  # leftovers of a reload, if any
-            expired = self.pipeline.age(time.monotonic_ns()) if self.pipeline else []
-            if expired:
-                log.debug("flows_expired", connections=len(expired))
+            # each step isolated: a fault in one sweep is logged, the next sweep runs
+            for step in (self.sync_counters_async, self.revalidate_all, self._expire):
+                try:
+                    await step()
+                except Exception as exc:
+                    self.record_fault("sweep", exc)
+
+    async def _expire(self) -> None:
+        expired = self.pipeline.age(time.monotonic_ns()) if self.pipeline else []
+        if expired:
+            log.debug("flows_expired", connections=len(expired))
 
     async def sync_counters_async(self) -> None:
         """Kernel hits never reach the daemon: fold the datapath's per-flow counters into the
@@ -301,7 +362,10 @@ class Daemon:
             return
         kb, vb, n = await trio.to_thread.run_sync(self.datapath.counter_blobs)
         for start in range(0, n, SYNC_CHUNK):
-            self._fold_counters(kb, vb, start, min(n, start + SYNC_CHUNK))
+            try:
+                self._fold_counters(kb, vb, start, min(n, start + SYNC_CHUNK))
+            except Exception as exc:  # one bad chunk: the next sweep folds it again
+                self.record_fault("sweep", exc)
             await trio.sleep(0)
 
     def _fold_counters(self, kb: bytes, vb: bytes, start: int, stop: int) -> None:
@@ -335,6 +399,7 @@ class Daemon:
                         await self.reload()
                 else:
                     log.info("stopping", signal=signal.Signals(signum).name)
+                    self.operator_stop = True
                     self.stopping.set()
                     if not self.ready.is_set() and self._root is not None:
                         self._root.cancel()  # still starting: stop now, then clean up
@@ -361,6 +426,7 @@ class Daemon:
         ``text`` is the policy's YAML (kept for operators' edits and for saving).
         """
         old_names = self._switch_names(self.policy)
+        _log_warnings(policy)
         self.policy = policy
         if text is not None:
             self.policy_text = text
@@ -405,6 +471,7 @@ class Daemon:
         s = self.settings
         log.info("starting", version=__version__, policy=str(s.policy),
                  digest=self.policy.digest[:12])
+        _log_warnings(self.policy)
         try:
             async with trio.open_nursery() as nursery:
                 self._root = nursery.cancel_scope
@@ -447,7 +514,11 @@ class Daemon:
                 await self._shutdown()
 
     def _flow_event(self, kind: str, subject: Any) -> None:
-        """Pipeline observer: flow lifecycle events for operators (nothing per packet)."""
+        """Pipeline observer: flow lifecycle events for operators (nothing per packet), and
+        faults (logged)."""
+        if kind == "fault":
+            self._on_fault(subject)
+            return
         if not self.events.subscribers:
             return
         flow = subject.forward if kind in ("created", "expired") else subject
@@ -485,9 +556,13 @@ class Daemon:
             if name is not None and not e.flags & FV_REVERSE:
                 # keep the translated port the connection already uses (it may have been
                 # moved off a collision), or its peer would see a new 5-tuple and reset it
-                r = self.pipeline.install_key(name, e.packet_key, now,
-                                              prefer_sport=e.new_sport or None)
-                if r.flow is not None:
+                try:
+                    r = self.pipeline.install_key(name, e.packet_key, now,
+                                                  prefer_sport=e.new_sport or None)
+                except Exception as exc:  # the entry is deleted below: its next packet
+                    self.record_fault("adopt", exc, ingress=name)  # comes up afresh
+                    r = None
+                if r is not None and r.flow is not None:
                     adopted += 1
                     continue
             if name is None or self.pipeline.flows.get((name, e.packet_key)) is None:
@@ -495,9 +570,32 @@ class Daemon:
                 stale += 1
         log.info("adopted_flows", entries=len(entries), flows=adopted, stale=stale)
 
+    def _stop_is_headless(self) -> bool:
+        """Fail static: only an operator's stop removes the kernel state.
+
+        A stop that no operator asked for (a task crashed) leaves the flow cache forwarding
+        and the maps pinned, as ``headless`` does, and the next start adopts them: a bug in
+        the daemon must not take every VM's established connections down with it. An
+        operator's stop is headless too with ``headless = true``, or when the file
+        ``<state_dir>/stop-headless`` exists (package upgrades; the file is consumed).
+        """
+        flag = Path(self.settings.state_dir) / STOP_HEADLESS_FILE
+        try:
+            flag.unlink()
+            requested = True
+        except FileNotFoundError:
+            requested = False
+        except OSError as e:
+            log.warning("stop_headless_flag_unreadable", path=str(flag), error=str(e))
+            requested = True  # it is there: honour it
+        return self.settings.headless or requested or not self.operator_stop
+
     async def _shutdown(self) -> None:
         """Remove what we put in the kernel (unless headless), within the deadline."""
-        headless = self.settings.headless
+        headless = self._stop_is_headless()
+        if not self.operator_stop and self.datapath is not None:
+            log.error("failing_static", hint="the kernel flow cache keeps forwarding; the next "
+                      "start adopts it")
         closed = False
         try:
             if self.datapath is not None:

@@ -324,9 +324,9 @@ class IpcServer:
         except IpcError as e:
             self.errors += 1
             return {"id": rid, "ok": False, "error": e.as_dict()}
-        except Exception:
+        except Exception as exc:
             self.errors += 1
-            log.exception("ipc_method_failed", request_id=rid)
+            self.daemon.record_fault("ipc", exc)
             return _error(rid, INTERNAL, "internal error (logged by the daemon)")
         if isinstance(result, Stream):
             result.result = {"id": rid, "ok": True, "result": result.result}

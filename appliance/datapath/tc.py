@@ -49,7 +49,7 @@ from appliance.datapath import libbpf
 from appliance.datapath.base import CacheStats, OffloadResult, unsupported_kinds
 from appliance.datapath.cachebook import CacheBook
 from appliance.flows import Flow
-from appliance.model import IPV4_MAPPED_BASE, ActionKind, is_ipv4
+from appliance.model import IPV4_BASE, IPV6_MAPPED_BASE, ActionKind, is_ipv4
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,22 @@ def open_upcall_tap(name: str, netns: str | None = None) -> tuple[int, int]:
 
 
 def _addr16(value: int) -> bytes:
+    """An address as the program keys it: 16 bytes, IPv4 as IPv4-mapped IPv6.
+
+    The kernel key has no family field; the program never keys an IPv6 packet whose
+    addresses are IPv4-mapped or -compatible (it misses on them), so the two cannot alias.
+    """
+    if is_ipv4(value):
+        return (IPV6_MAPPED_BASE | (value & 0xFFFF_FFFF)).to_bytes(16, "big")
     return value.to_bytes(16, "big")
+
+
+def _addr_of(raw: bytes) -> int:
+    """Inverse of `_addr16`."""
+    value = int.from_bytes(raw, "big")
+    if value >> 32 == IPV6_MAPPED_BASE >> 32:
+        return IPV4_BASE | (value & 0xFFFF_FFFF)
+    return value
 
 
 def encode_key(ifindex: int, packet_key: tuple) -> bytes:
@@ -259,9 +274,8 @@ def decode_key(raw: bytes) -> tuple[int, tuple]:
     ifindex, proto, tunnel, sport, dport, _pad, vni, src, dst, osrc, odst = KEY.unpack(raw)
     tun = None
     if tunnel:
-        tun = (int.from_bytes(osrc, "big"), int.from_bytes(odst, "big"), vni)
-    key = (None, proto, int.from_bytes(src, "big"), sport, int.from_bytes(dst, "big"), dport,
-           tun)
+        tun = (_addr_of(osrc), _addr_of(odst), vni)
+    key = (None, proto, _addr_of(src), sport, _addr_of(dst), dport, tun)
     return ifindex, key
 
 
@@ -768,9 +782,9 @@ class _ProgramProbe:
 
     MAC_A: Final = 0x02_00_00_00_00_0A
     MAC_B: Final = 0x02_00_00_00_00_0B
-    A: Final = IPV4_MAPPED_BASE | 0xC0000201  # 192.0.2.1
-    B: Final = IPV4_MAPPED_BASE | 0xC0000202
-    C: Final = IPV4_MAPPED_BASE | 0xC6336401  # 198.51.100.1
+    A: Final = IPV4_BASE | 0xC0000201  # 192.0.2.1
+    B: Final = IPV4_BASE | 0xC0000202
+    C: Final = IPV4_BASE | 0xC6336401  # 198.51.100.1
     VNI: Final = 4242
 
     def __init__(self, dp: TcDatapath) -> None:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from appliance.classifier import Classifier, LinearClassifier
 from appliance.model import (
     FIELDS,
-    IPV4_MAPPED_BASE,
+    IPV4_BASE,
     PROTO_NUMBERS,
     Allow,
     Deny,
@@ -44,7 +44,7 @@ def v4_prefix(rng: random.Random, length: int) -> tuple[int, int]:
     base = rng.choice((10 << 24, (172 << 24) | (16 << 16), (192 << 24) | (168 << 16)))
     addr = base | rng.getrandbits(24) if rng.random() < 0.8 else rng.getrandbits(32)
     k = 32 - length
-    lo = IPV4_MAPPED_BASE | ((addr >> k) << k)
+    lo = IPV4_BASE | ((addr >> k) << k)
     return lo, lo + (1 << k) - 1
 
 
@@ -138,7 +138,7 @@ def random_value(rng: random.Random, name: str) -> int | None:
         if r < 0.5:
             return v4_prefix(rng, 32)[0]
         if r < 0.9:  # anywhere in IPv4
-            return IPV4_MAPPED_BASE | rng.getrandbits(32)
+            return IPV4_BASE | rng.getrandbits(32)
         return v6_prefix(rng, 128)[0]
     if name in ("src_port", "dst_port"):
         return rng.choice(COMMON_PORTS) if rng.random() < 0.4 else rng.randint(0, 65535)

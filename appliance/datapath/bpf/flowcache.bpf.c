@@ -166,6 +166,15 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 l4, __u32 end, 
 	return -1; /* ICMP errors, ND, other protocols: the daemon handles them */
 }
 
+/* An IPv6 address in ::/96 (IPv4-compatible, and :: / ::1) or ::ffff:0:0/96 (IPv4-mapped).
+ * Keys hold IPv4 addresses as IPv4-mapped bytes, so such an IPv6 packet would alias an IPv4
+ * flow: it is never keyed (a miss; the daemon drops it as mapped_address or martian). */
+static __always_inline int v6_aliases_v4(const struct in6_addr *a)
+{
+	return a->in6_u.u6_addr32[0] == 0 && a->in6_u.u6_addr32[1] == 0 &&
+	       (a->in6_u.u6_addr32[2] == 0 || a->in6_u.u6_addr32[2] == bpf_htonl(0xffff));
+}
+
 /* IPv4 or IPv6 header at l3 into src/dst/proto; sets *l4. Fragments and IPv6 extension
  * headers are misses (the daemon tracks fragments by their first one). */
 static __always_inline int parse_ip(struct __sk_buff *skb, __u32 l3, __u32 limit,
@@ -201,6 +210,8 @@ static __always_inline int parse_ip(struct __sk_buff *skb, __u32 l3, __u32 limit
 			return -1;
 		if (ip6.nexthdr != IPPROTO_TCP && ip6.nexthdr != IPPROTO_UDP &&
 		    ip6.nexthdr != IPPROTO_ICMPV6)
+			return -1;
+		if (v6_aliases_v4(&ip6.saddr) || v6_aliases_v4(&ip6.daddr))
 			return -1;
 		__builtin_memcpy(src, &ip6.saddr, 16);
 		__builtin_memcpy(dst, &ip6.daddr, 16);
