@@ -318,6 +318,8 @@ async def status(ctx: Ctx, p: NoParams) -> dict[str, Any]:
             "setup_count": d.setup_latency.total,
         },
         "injector": {"sent": d.injector.sent, "failed": d.injector.failed},
+        "internal_errors": {"by_where": dict(d.faults),
+                            "by_cause": dict(pipeline.counters.faults)},
         "events": {"published": d.events.published, "dropped": d.events.dropped,
                    "subscribers": d.events.subscribers},
         "ipc": ctx.server.stats(),

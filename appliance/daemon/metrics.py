@@ -131,6 +131,9 @@ async def render(daemon: Any) -> str:
     e.family("appliance_port_upcall_budget_drops_total", "counter", "New-flow upcalls over the "
              "port's slow-path budget.",
              [({"port": p}, n) for p, n in sorted(daemon.budget_drops.items())])
+    e.family("appliance_internal_errors_total", "counter", "Unexpected exceptions caught at a "
+             "unit-of-work boundary (a bug: each cost one packet or request, never the switch).",
+             [({"where": w}, n) for w, n in sorted(daemon.faults.items())])
     e.family("appliance_events_dropped_total", "counter", "Operator events dropped (slow "
              "subscribers).", [({}, daemon.events.dropped)])
     h = daemon.setup_latency
