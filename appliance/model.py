@@ -250,11 +250,31 @@ class Layer:
 
 @dataclass(frozen=True, slots=True)
 class Port:
+    """A VM's port: who it is (MAC, addresses), what it may send, and its layers.
+
+    With ``port_security`` (the default) the port may send only from ``mac`` and from ``ips``
+    or ``allowed_sources``; frames it receives from the uplink are chosen by those addresses
+    (``steer_by_mac`` adds: and by MAC, for a destination IP no port owns). ``trunk`` None is
+    an access port (untagged frames only); otherwise the VLAN ids its frames may carry.
+    """
+
     name: str
     interface: str
     mac: int
     ips: tuple[int, ...]  # shared address space
     layers: tuple[str, ...]  # top (VM side) to bottom (wire side)
+    port_security: bool = True
+    allowed_sources: tuple[tuple[int, int], ...] = ()  # extra source prefixes (intervals)
+    trunk: FieldSet | None = None  # allowed VLAN ids; None: access port
+    steer_by_mac: bool = False
+
+    def owns_source(self, addr: int) -> bool:
+        """May this port send from ``addr``? (Port security.)"""
+        return addr in self.ips or any(lo <= addr <= hi for lo, hi in self.allowed_sources)
+
+    def allows_vlan(self, vid: int | None) -> bool:
+        """May a frame with this VLAN id (None: untagged) enter or leave through the port?"""
+        return vid is None or (self.trunk is not None and self.trunk.contains(vid))
 
 
 @dataclass(frozen=True, slots=True)

@@ -531,17 +531,27 @@ _ECHO_TYPES: Final = {
 }
 
 
+# An ICMP key's port pair says which kind of message it is, so no kind can ride another's flow:
+# echo request (id, ICMP_ECHO), echo reply (ICMP_ECHO, id) -- a reply is the reverse key of its
+# request -- and any other message (ICMP_OTHER | type, code). Both marks lie outside 0..65535,
+# so they never equal an id, a type or a TCP/UDP port.
+ICMP_ECHO: Final = 1 << 16
+ICMP_OTHER: Final = 2 << 16
+
+
 def flow_key(h: Headers) -> tuple | None:
     """``(vlan, proto, src, sport, dst, dport, tun)``; None for non-IP (also inside a tunnel).
 
-    For VXLAN the IP part is the inner packet's and ``tun`` is ``(outer src, outer dst, vni)``,
-    so flows are tracked per tenant packet while the tunnel endpoints stay part of the key.
+    For VXLAN the IP part is the inner packet's and ``tun`` is ``(outer src, outer dst, vni,
+    inner vlan)``, so flows are tracked per tenant packet while the tunnel endpoints and the
+    tenant's own VLAN tag stay part of the key (an inner-tagged frame never rides the flow of
+    an untagged one). ICMP port pairs: see `ICMP_ECHO`.
     """
     tun = None
     f = h
     if h.vni is not None and h.inner is not None:
-        tun = (h.src, h.dst, h.vni)
         f = h.inner
+        tun = (h.src, h.dst, h.vni, f.vlan)
     if f.src is None:
         return None
     sport, dport = _key_ports(f)
@@ -549,7 +559,7 @@ def flow_key(h: Headers) -> tuple | None:
 
 
 def _key_ports(h: Headers) -> tuple[int, int]:
-    """Port pair of a flow key; ICMP echo ids are placed so that a reply is the reverse key."""
+    """Port pair of a flow key (see `ICMP_ECHO` for ICMP)."""
     if h.l4_off is None:
         return 0, 0  # non-first fragment
     proto = h.proto
@@ -559,11 +569,11 @@ def _key_ports(h: Headers) -> tuple[int, int]:
     if t is None:
         return 0, 0
     request, reply = _ECHO_TYPES[proto]  # type: ignore[index]
-    if t == request:
-        return h.icmp_id, 0  # type: ignore[return-value]
-    if t == reply:
-        return 0, h.icmp_id  # type: ignore[return-value]
-    return t, h.icmp_code  # type: ignore[return-value]
+    if t == request and h.icmp_id is not None:
+        return h.icmp_id, ICMP_ECHO
+    if t == reply and h.icmp_id is not None:
+        return ICMP_ECHO, h.icmp_id
+    return ICMP_OTHER | t, h.icmp_code  # type: ignore[return-value]
 
 
 def headers_from_key(key: tuple, *, src_mac: int = 0, dst_mac: int = 0) -> Headers:
@@ -575,7 +585,7 @@ def headers_from_key(key: tuple, *, src_mac: int = 0, dst_mac: int = 0) -> Heade
     """
     vlan, proto, src, sport, dst, dport, tun = key
     v4 = is_ipv4(src)
-    h = Headers(src_mac=src_mac, dst_mac=dst_mac, vlan=None if tun else vlan,
+    h = Headers(src_mac=src_mac, dst_mac=dst_mac, vlan=tun[3] if tun else vlan,
                 ethertype=ETHERTYPE_IPV4 if v4 else ETHERTYPE_IPV6, l3_off=ETH_HLEN,
                 ip_version=4 if v4 else 6, src=src, dst=dst, proto=proto, dscp=0, ttl=64,
                 l4_off=ETH_HLEN + (20 if v4 else 40))  # not None: the key has L4 fields
@@ -583,12 +593,14 @@ def headers_from_key(key: tuple, *, src_mac: int = 0, dst_mac: int = 0) -> Heade
         h.sport, h.dport = sport, dport
     elif proto in _ECHO_TYPES:
         request, reply = _ECHO_TYPES[proto]
-        if dport == 0:
+        if dport == ICMP_ECHO:
             h.icmp_type, h.icmp_id = request, sport
-        elif sport == 0:
+        elif sport == ICMP_ECHO:
             h.icmp_type, h.icmp_id = reply, dport
+        elif sport & ICMP_OTHER:
+            h.icmp_type, h.icmp_code = sport & 0xFF, dport
         else:
-            h.icmp_type, h.icmp_code = sport, dport
+            h.l4_off = None  # a later fragment: no ICMP header in it
     if tun is None:
         return h
     outer_v4 = is_ipv4(tun[0])
@@ -602,7 +614,7 @@ def reverse_key(key: tuple) -> tuple:
     """The key of the opposite direction: swap addresses, ports and tunnel endpoints."""
     vlan, proto, src, sport, dst, dport, tun = key
     if tun is not None:
-        tun = (tun[1], tun[0], tun[2])
+        tun = (tun[1], tun[0], tun[2], tun[3])
     return (vlan, proto, dst, dport, src, sport, tun)
 
 

@@ -333,6 +333,27 @@ MacSet = _match_field(_mac_item)
 Name = Annotated[str, AfterValidator(_non_empty)]
 IfName = Annotated[str, AfterValidator(_ifname)]
 MacAddr = Annotated[int, PlainValidator(_unicast_mac)]
+def _cidr_list(value: object) -> tuple[Interval, ...]:
+    """A list of CIDRs (no negations): the extra sources a port may use."""
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of CIDRs, got {_show(value)}")
+    out: list[Interval] = []
+    problems: list[str] = []
+    for item in value:
+        try:
+            if not isinstance(item, str):
+                raise ValueError(f"{_show(item)} is not an IP address or CIDR")
+            if item.strip().startswith("!"):
+                raise ValueError(f"{item!r}: negations are not allowed here")
+            out.append(_cidr(item.strip()))
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return tuple(out)
+
+
+CidrList = Annotated[tuple[Interval, ...], PlainValidator(_cidr_list)]
 IpAddr = Annotated[int, PlainValidator(_address)]
 L4Port = Annotated[int, AfterValidator(L4_PORT_DOMAIN.check)]
 Vni = Annotated[int, AfterValidator(VNI_DOMAIN.check)]
@@ -579,9 +600,14 @@ class PortSpec(_Spec):
     mac: MacAddr
     ips: list[IpAddr] = []
     layers: list[Name] = []
+    port_security: bool = True
+    allowed_sources: CidrList = ()
+    trunk: VlanSet = None
+    steer_by_mac: bool = False
 
     def to_port(self) -> Port:
-        return Port(self.name, self.interface, self.mac, tuple(self.ips), tuple(self.layers))
+        return Port(self.name, self.interface, self.mac, tuple(self.ips), tuple(self.layers),
+                    self.port_security, self.allowed_sources, self.trunk, self.steer_by_mac)
 
 
 class PolicySpec(_Spec):

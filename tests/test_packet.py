@@ -216,13 +216,13 @@ def test_ipv6_hop_by_hop_not_first_is_malformed() -> None:
 def test_icmp_echo_v4_and_v6() -> None:
     h = headers(frame(proto=1, icmp_id=0x1234, icmp_seq=3, payload=b"ping"))
     assert (h.proto, h.icmp_type, h.icmp_code, h.icmp_id, h.sport) == (1, 8, 0, 0x1234, None)
-    assert pk.flow_key(h) == (None, 1, V4_A, 0x1234, V4_B, 0, None)
+    assert pk.flow_key(h) == (None, 1, V4_A, 0x1234, V4_B, pk.ICMP_ECHO, None)
     h6 = headers(frame(V6_A, V6_B, 58, icmp_id=0x4321))
     assert (h6.proto, h6.icmp_type, h6.icmp_id) == (58, 128, 0x4321)
-    assert pk.flow_key(h6) == (None, 58, V6_A, 0x4321, V6_B, 0, None)
+    assert pk.flow_key(h6) == (None, 58, V6_A, 0x4321, V6_B, pk.ICMP_ECHO, None)
     other = headers(frame(proto=1, icmp_type=13, icmp_code=0))  # timestamp: no echo id
     assert other.icmp_id is None
-    assert pk.flow_key(other) == (None, 1, V4_A, 13, V4_B, 0, None)
+    assert pk.flow_key(other) == (None, 1, V4_A, pk.ICMP_OTHER | 13, V4_B, 0, None)
     all_ok(frame(proto=1))
     all_ok(frame(V6_A, V6_B, 58))
 
@@ -239,7 +239,7 @@ def test_icmp_error_embeds_quoted_packet_v4() -> None:
     e = h.embedded
     assert e is not None
     assert (e.src, e.dst, e.proto, e.sport, e.dport, e.l3_off) == (V4_A, V4_B, 17, 3333, 53, 42)
-    assert pk.flow_key(h) == (None, 1, V4_R, 3, V4_A, 4, None)
+    assert pk.flow_key(h) == (None, 1, V4_R, pk.ICMP_OTHER | 3, V4_A, 4, None)
     assert all_ok(err) == {"ipv4": True, "icmp": True, "embedded_ipv4": True}
 
 
@@ -299,7 +299,7 @@ def test_vxlan_parse_inner() -> None:
     i = h.inner
     assert i is not None
     assert (i.src, i.dst, i.sport, i.dport, i.vlan, i.l3_off) == (V4_A, V4_B, 1111, 80, 12, 68)
-    assert pk.flow_key(h) == (None, 6, V4_A, 1111, V4_B, 80, (VTEP_1, VTEP_2, 0x123456))
+    assert pk.flow_key(h) == (None, 6, V4_A, 1111, V4_B, 80, (VTEP_1, VTEP_2, 0x123456, 12))
     assert pk.fast_flow_key(outer) is None
     result = all_ok(outer)
     assert result["inner_tcp"] and result["inner_ipv4"] and outer[40:42] == b"\0\0"

@@ -107,7 +107,8 @@ SINGLE_ERRORS: Final = [
     (ports("{name: vm1, interface: p1}"), "policy.yaml: ports[0].mac: required key missing"),
     (
         ports('{name: vm1, interface: p1, mac: "02:00:00:00:00:01", ip: ["10.0.0.1"]}'),
-        "policy.yaml: ports[0].ip: unknown key 'ip' (allowed: name, interface, mac, ips, layers)",
+        "policy.yaml: ports[0].ip: unknown key 'ip' (allowed: name, interface, mac, ips, layers, "
+        "port_security, allowed_sources, trunk, steer_by_mac)",
     ),
     (
         ports('{name: vm1, interface: p1, mac: "02:00:00:00:00:0g"}'),

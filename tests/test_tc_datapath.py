@@ -451,7 +451,7 @@ def test_decap_delivers_inner_frame(topo: Topo, dp: tc.TcDatapath) -> None:
                            src_mac=EXT_MAC, dst_mac=UPLINK_MAC, src_port=50002)
     acts = CompiledActions("p1", decap=True, dst_mac=VM1_MAC)
     f = flow("up0", outer, acts)
-    assert f.key[1][6] == (ip_to_int(EXT), ip_to_int(LOCAL_VTEP), VNI)
+    assert f.key[1][6] == (ip_to_int(EXT), ip_to_int(LOCAL_VTEP), VNI, None)
     assert dp.offload(f, 0).ok
     sock = nstools.udp_socket(topo.vm1, VM1, 6001)
     tx = nstools.packet_socket(topo.ext, "eth0")

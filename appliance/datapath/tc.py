@@ -103,7 +103,7 @@ class FlowKeyC(ctypes.Structure):
 
     _fields_ = [("ifindex", ctypes.c_uint32), ("proto", ctypes.c_uint8),
                 ("tunnel", ctypes.c_uint8), ("sport", ctypes.c_uint16),
-                ("dport", ctypes.c_uint16), ("pad", ctypes.c_uint16), ("vni", ctypes.c_uint32),
+                ("dport", ctypes.c_uint16), ("icmp", ctypes.c_uint16), ("vni", ctypes.c_uint32),
                 ("src", _U8_16), ("dst", _U8_16), ("osrc", _U8_16), ("odst", _U8_16)]
 
 
@@ -254,27 +254,47 @@ def _addr_of(raw: bytes) -> int:
     return value
 
 
+KEY_ICMP_ECHO_REQUEST: Final = 1  # struct flow_key.icmp
+KEY_ICMP_ECHO_REPLY: Final = 2
+
+
+def _icmp_fields(sport: int, dport: int) -> tuple[int, int, int]:
+    """Kernel (sport, dport, icmp kind) of an ICMP key; only echo is ever keyed there."""
+    if dport == pk.ICMP_ECHO:
+        return sport, 0, KEY_ICMP_ECHO_REQUEST
+    if sport == pk.ICMP_ECHO:
+        return 0, dport, KEY_ICMP_ECHO_REPLY
+    raise Refused("unsupported:icmp_type")  # the program keys echo only
+
+
 def encode_key(ifindex: int, packet_key: tuple) -> bytes:
     """The map key of ``(ingress ifindex, appliance.packet.flow_key)``; zero padding."""
     vlan, proto, src, sport, dst, dport, tun = packet_key
-    if vlan is not None:
+    if vlan is not None or (tun is not None and tun[3] is not None):
         raise Refused("unsupported:vlan")
-    if proto not in (pk.PROTO_TCP, pk.PROTO_UDP, pk.PROTO_ICMP, pk.PROTO_ICMPV6):
+    icmp = 0
+    if proto in (pk.PROTO_ICMP, pk.PROTO_ICMPV6):
+        sport, dport, icmp = _icmp_fields(sport, dport)
+    elif proto not in (pk.PROTO_TCP, pk.PROTO_UDP):
         raise Refused("unsupported:proto")
     if tun is None:
-        return KEY.pack(ifindex, proto, 0, sport, dport, 0, 0, _addr16(src), _addr16(dst),
+        return KEY.pack(ifindex, proto, 0, sport, dport, icmp, 0, _addr16(src), _addr16(dst),
                         _ZERO16, _ZERO16)
-    osrc, odst, vni = tun
-    return KEY.pack(ifindex, proto, 1, sport, dport, 0, vni, _addr16(src), _addr16(dst),
+    osrc, odst, vni, _inner_vlan = tun
+    return KEY.pack(ifindex, proto, 1, sport, dport, icmp, vni, _addr16(src), _addr16(dst),
                     _addr16(osrc), _addr16(odst))
 
 
 def decode_key(raw: bytes) -> tuple[int, tuple]:
     """``(ifindex, packet_key)`` of a map key (inverse of `encode_key`)."""
-    ifindex, proto, tunnel, sport, dport, _pad, vni, src, dst, osrc, odst = KEY.unpack(raw)
+    ifindex, proto, tunnel, sport, dport, icmp, vni, src, dst, osrc, odst = KEY.unpack(raw)
     tun = None
     if tunnel:
-        tun = (_addr_of(osrc), _addr_of(odst), vni)
+        tun = (_addr_of(osrc), _addr_of(odst), vni, None)
+    if icmp == KEY_ICMP_ECHO_REQUEST:
+        dport = pk.ICMP_ECHO
+    elif icmp == KEY_ICMP_ECHO_REPLY:
+        sport = pk.ICMP_ECHO
     key = (None, proto, _addr_of(src), sport, _addr_of(dst), dport, tun)
     return ifindex, key
 

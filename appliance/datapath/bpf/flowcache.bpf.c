@@ -155,11 +155,13 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 l4, __u32 end, 
 		if (icmp[0] == (v6 ? ICMPV6_ECHO_REQUEST : ICMP_ECHO)) {
 			k->sport = id;
 			k->dport = 0;
+			k->icmp = KEY_ICMP_ECHO_REQUEST;
 			return 0;
 		}
 		if (icmp[0] == (v6 ? ICMPV6_ECHO_REPLY : ICMP_ECHOREPLY)) {
 			k->sport = 0;
 			k->dport = id;
+			k->icmp = KEY_ICMP_ECHO_REPLY;
 			return 0;
 		}
 	}

@@ -16,13 +16,18 @@ struct flow_key {
 	__u8 tunnel;     /* 1: VXLAN, vni/osrc/odst valid */
 	__u16 sport;     /* TCP/UDP ports; ICMP echo: request (id, 0), reply (0, id) */
 	__u16 dport;
-	__u16 pad;       /* always zero */
+	__u16 icmp;      /* ICMP kind: KEY_ICMP_ECHO_REQUEST / _REPLY; 0 for TCP/UDP */
 	__u32 vni;
 	__u8 src[16];
 	__u8 dst[16];
 	__u8 osrc[16];   /* tunnel outer source */
 	__u8 odst[16];
 };
+
+/* flow_key.icmp: echo request and reply with id 0 must not share a key, and no other ICMP
+ * message is ever keyed (they go up: the daemon keys them as ICMP_OTHER) */
+#define KEY_ICMP_ECHO_REQUEST 1
+#define KEY_ICMP_ECHO_REPLY   2
 
 /* flow_val.flags */
 #define FV_DECAP     (1u << 0)
