@@ -10,7 +10,8 @@
 #     completion, the groups; systemd-analyze verify on the installed unit.
 #  3. Upgrade to a rebuilt package with a bumped version whose default conffiles changed: the
 #     conffile the admin edited is kept (the new one lands beside it as .dpkg-dist), the
-#     untouched one is updated. The chroot has no systemd, so a stand-in systemctl records
+#     untouched one is updated. systemd is installed but not running there, so a stand-in
+#     systemctl (the real one diverted aside) records
 #     what the maintainer scripts ask of it: on upgrade, restart with <state_dir>/stop-headless
 #     present (a headless stop); on remove, a stop without it.
 #  4. remove (conffiles stay), purge (nothing of appliance is left: files, conffiles, groups,
@@ -110,7 +111,8 @@ out=$(in_root appliance-trace /usr/share/doc/appliance/examples/policy.yaml \
     /usr/share/doc/appliance/examples/demo.pcap) || fail "appliance-trace: $out"
 expect_in "packets" "$out" "appliance-trace"
 out=$(in_root appliance-check-config /etc/appliance/policy.yaml) || fail "check-config: $out"
-out=$(in_root env MANPAGER=cat MANWIDTH=100 man appliancectl 2>&1) || fail "man appliancectl: $out"
+out=$(in_root env MANPAGER=cat MANWIDTH=100 man appliancectl 2>&1 | tr -s ' ') \
+    || fail "man appliancectl: $out"
 expect_in "appliancectl - operate a running applianced" "$out" "man appliancectl"
 expect_in "EXIT STATUS" "$out" "man appliancectl"
 out=$(in_root env MANPAGER=cat man 8 applianced 2>&1) || fail "man 8 applianced: $out"
@@ -132,7 +134,9 @@ out=$(in_root systemd-analyze verify applianced.service 2>&1) || fail "systemd-a
 step "upgrade to $NEXT with a stand-in systemctl"
 echo "# edited by the admin" >>"$ROOTFS/etc/appliance/appliance.toml"
 mkdir -p "$ROOTFS/run/systemd/system" "$ROOTFS/run/appliance"
-cat >"$ROOTFS/usr/local/sbin/systemctl" <<'EOF'
+# the real systemctl is diverted aside while the stand-in takes its place
+in_root dpkg-divert --quiet --local --rename --divert /usr/bin/systemctl.real --add /usr/bin/systemctl
+cat >"$ROOTFS/usr/bin/systemctl" <<'EOF'
 #!/bin/sh
 # Stand-in for systemctl in a root without systemd: records each call, and whether the
 # stop-headless file existed when the unit was restarted or stopped; applianced "is active".
@@ -145,7 +149,7 @@ case "$1" in
 esac
 exit 0
 EOF
-chmod 755 "$ROOTFS/usr/local/sbin/systemctl"
+chmod 755 "$ROOTFS/usr/bin/systemctl"
 in_root apt-get install -y -q -o Dpkg::Options::=--force-confold "/tmp/$(basename "$DEB_NEXT")" \
     >"$WORK/upgrade.log" 2>&1 || { cat "$WORK/upgrade.log"; fail "upgrade"; }
 in_root dpkg-query -W -f='${Version}' appliance | grep -qx "$NEXT" || fail "version after upgrade"
@@ -179,7 +183,8 @@ step "purge"
 mkdir -p "$ROOTFS/sys/fs/bpf/appliance" && touch "$ROOTFS/sys/fs/bpf/appliance/flows"
 in_root apt-get purge -y -q appliance >"$WORK/purge.log" 2>&1 \
     || { cat "$WORK/purge.log"; fail "purge"; }
-rm -f "$ROOTFS/usr/local/sbin/systemctl" "$ROOTFS/var/log/systemctl-stand-in.log"
+rm -f "$ROOTFS/usr/bin/systemctl" "$ROOTFS/var/log/systemctl-stand-in.log"
+in_root dpkg-divert --quiet --local --rename --remove /usr/bin/systemctl
 rmdir "$ROOTFS/run/systemd/system" "$ROOTFS/run/systemd" 2>/dev/null || true
 in_root apt-get autoremove --purge -y -q >"$WORK/autoremove.log" 2>&1 \
     || { cat "$WORK/autoremove.log"; fail "autoremove"; }
