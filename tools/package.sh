@@ -44,7 +44,7 @@ mkdir -p "$STAGE" "$BUILD/wheels" "$OUT"
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 
 echo "package: appliance $VERSION ($DEB_ARCH / $RPM_ARCH)"
-tools/build-bpf.sh
+tools/build-bpf.sh -f  # always from the current source: the object ships
 BPF_OBJECT=appliance/datapath/bpf/flowcache.bpf.o
 
 # 1. The project as a wheel, and the exact versions the tests ran with as constraints.
