@@ -6,8 +6,9 @@
 #  2. A throwaway Debian 12 root (mmdebstrap: minbase + man-db + systemd, not booted; from the
 #     mirror apt uses here).
 #     In it: apt-get install ./appliance_*.deb, then the installed applianced --check,
-#     appliancectl --help, appliance-trace on the example capture, man appliancectl, the bash
-#     completion, the groups; systemd-analyze verify on the installed unit.
+#     appliancectl --help, appliance-trace on the example capture (same summary as the
+#     checkout's), man appliancectl, the bash completion, the groups, the shipped BPF object
+#     loaded into the kernel through the installed libbpf1; systemd-analyze verify on the unit.
 #  3. Upgrade to a rebuilt package with a bumped version whose default conffiles changed: the
 #     conffile the admin edited is kept (the new one lands beside it as .dpkg-dist), the
 #     untouched one is updated. systemd is installed but not running there, so a stand-in
@@ -118,6 +119,14 @@ expected=$(.venv/bin/appliance-trace config/examples/policy.yaml config/examples
 [ "$out" = "$expected" ] || fail "appliance-trace summary differs: $out"
 expect_in "summary:" "$out" "appliance-trace"
 out=$(in_root appliance-check-config /etc/appliance/policy.yaml) || fail "check-config: $out"
+# the shipped BPF object passes the kernel's verifier through Debian's libbpf1 (the package's
+# dependency), loaded the way the daemon loads it
+out=$(in_root /usr/lib/appliance/venv/bin/python -c '
+from appliance.datapath.libbpf import BpfObject
+from appliance.datapath.tc import BPF_OBJECT
+BpfObject(BPF_OBJECT).close()
+print("loaded", BPF_OBJECT)' 2>&1) || fail "BPF object does not load: $out"
+expect_in "loaded /usr/lib/appliance/venv/" "$out" "BPF object"
 out=$(in_root env MANPAGER=cat MANWIDTH=100 man appliancectl 2>&1 | tr -s ' ') \
     || fail "man appliancectl: $out"
 expect_in "appliancectl - operate a running applianced" "$out" "man appliancectl"
