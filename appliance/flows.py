@@ -15,10 +15,15 @@ Full table: when ``max_flows`` flows exist, connections idle for more than a qua
 timeout are expired at once (at most once a second: it is a full scan); if that frees no room,
 the new connection is refused (the packet is dropped with reason ``flow_limit`` and counted),
 as conntrack does when its table is full. Active connections are never pushed out.
+
+Fair shares: each ingress (a port, or the uplink) may hold at most ``port_max`` flows (a
+share of ``max_flows``), counting both flows of the connections it started; past that its new
+connections are refused as ``port_flow_limit`` while every other ingress still has room.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
@@ -29,6 +34,7 @@ from appliance.timeouts import NS, TCP_CONTROL, TcpState, Timeouts, next_tcp_sta
 
 NEVER: Final = 1 << 126  # a time after every real one (ns)
 DEFAULT_MAX_FLOWS: Final = 1_000_000  # flows (a connection is 1 or 2); Azure allows 500k/dir
+DEFAULT_PORT_SHARE: Final = 0.25  # of max_flows, what one port (or the uplink) may hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +100,13 @@ class FlowTable:
 
     def __init__(self, timeouts: Timeouts | None = None,
                  max_flows: int = DEFAULT_MAX_FLOWS,
-                 on_remove: Callable[[Conn], None] | None = None) -> None:
+                 on_remove: Callable[[Conn], None] | None = None,
+                 port_share: float = DEFAULT_PORT_SHARE) -> None:
         self.timeouts = timeouts or Timeouts()
         self._on_remove = on_remove
         self.max_flows = max_flows
+        self.port_max = max(2, int(max_flows * port_share))  # flows one ingress may hold
+        self.by_ingress: collections.Counter[str] = collections.Counter()  # flows held
         self._flows: dict[tuple, Flow] = {}
         self._wheel: dict[int, list[Conn]] = {}
         self._next_sweep_s: int | None = None
@@ -127,6 +136,15 @@ class FlowTable:
     def has_room(self, n: int) -> bool:
         return len(self._flows) + n <= self.max_flows
 
+    def port_has_room(self, ingress: str, n: int) -> bool:
+        """Would ``n`` more flows keep ``ingress`` within its share?"""
+        return self.by_ingress[ingress] + n <= self.port_max
+
+    def heaviest(self) -> str | None:
+        """The ingress holding the most flows (early ageing takes from it first)."""
+        top = self.by_ingress.most_common(1)
+        return top[0][0] if top else None
+
     def add(self, forward: Flow, reverse: Flow | None, *, proto: int | None, generation: int,
             now_ns: int) -> Conn:
         """Insert a connection; the caller checked `has_room` and key collisions."""
@@ -134,6 +152,7 @@ class FlowTable:
         for f in conn.flows():
             f.conn = conn
             self._flows[f.key] = f
+        self.by_ingress[forward.key[0]] += len(conn.flows())
         self.created += 1
         self._schedule(conn)
         return conn
@@ -143,9 +162,13 @@ class FlowTable:
         if conn.removed:
             return
         conn.removed = True
+        ingress = conn.forward.key[0]
         for f in conn.flows():
             if self._flows.get(f.key) is f:
                 del self._flows[f.key]
+                self.by_ingress[ingress] -= 1
+        if self.by_ingress[ingress] <= 0:
+            del self.by_ingress[ingress]
         if self._on_remove is not None:
             self._on_remove(conn)
 
@@ -157,7 +180,8 @@ class FlowTable:
         if now_ns > conn.last_seen_ns:
             conn.last_seen_ns = now_ns
         if tcp_flags is not None and (tcp_flags & TCP_CONTROL or conn.tcp_state in (
-                TcpState.SYN_SENT, TcpState.SYN_RECEIVED, TcpState.NONE)):
+                TcpState.SYN_SENT, TcpState.SYN_RECEIVED, TcpState.NONE,
+                TcpState.UNCONFIRMED)):
             state = next_tcp_state(conn.tcp_state, tcp_flags, flow is conn.forward)
             if state is not conn.tcp_state:
                 conn.tcp_state = state
@@ -205,11 +229,14 @@ class FlowTable:
         self.expired += len(expired)
         return expired
 
-    def expire_early(self, now_ns: int, fraction: float) -> list[Conn]:
-        """Under pressure (table full): expire connections idle for more than ``fraction``
-        of their timeout. O(connections), so callers rate-limit it."""
+    def expire_early(self, now_ns: int, fraction: float,
+                     ingress: str | None = None) -> list[Conn]:
+        """Under pressure (table or share full): expire connections idle for more than
+        ``fraction`` of their timeout, only those ``ingress`` started if given.
+        O(connections), so callers rate-limit it."""
         doomed = [c for c in self.conns()
-                  if now_ns - c.last_seen_ns > fraction * (self.deadline_ns(c) - c.last_seen_ns)]
+                  if (ingress is None or c.forward.key[0] == ingress)
+                  and now_ns - c.last_seen_ns > fraction * (self.deadline_ns(c) - c.last_seen_ns)]
         for conn in doomed:
             self.remove(conn)
         self.expired += len(doomed)

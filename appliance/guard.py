@@ -1,4 +1,5 @@
-"""What a frame may claim before any rule sees it: addresses no host may send from or to.
+"""What a frame may claim before any rule sees it: addresses no host may use, and what a port
+may send as (port security, VLANs).
 
 Frames from VMs are untrusted input. Before the slow path evaluates a packet against policy,
 its addresses (the outer ones and, for VXLAN, the tenant's inner ones) are checked against the
@@ -25,9 +26,12 @@ so no flow can be hit by one either (the per-packet cost on established flows is
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from appliance.model import IPV4_TAG
+from appliance.model import IPV4_BASE, IPV4_TAG, Port
+
+if TYPE_CHECKING:
+    from appliance.packet import Headers
 
 MAPPED_ADDRESS: Final = "mapped_address"
 MARTIAN_SOURCE: Final = "martian_source"
@@ -101,3 +105,33 @@ def target_problem(target: int) -> str | None:
     if target in (_V6_UNSPECIFIED, _V6_LOOPBACK) or target >> 120 == 0xFF:
         return MARTIAN_TARGET
     return None
+
+
+# --- port security (a port is who its policy says) --------------------------------------------
+
+SPOOFED_MAC: Final = "spoofed_mac"
+SPOOFED_SOURCE: Final = "spoofed_source"
+VLAN_NOT_ALLOWED: Final = "vlan_not_allowed"
+
+
+def port_problem(port: Port, h: Headers, *, check_mac: bool = True) -> str | None:
+    """What a frame sent by ``port`` may not claim: a VLAN it is not on, another MAC, another
+    port's (or anybody else's) source address. None when the frame may go on to the rules.
+
+    Only the frame's own (outer) headers: a VM that builds its own VXLAN is judged by the
+    outer packet it sends. The unspecified source is left to `address_problem`, which lets it
+    through only towards link-local scope (DHCP, DAD), where the slow path drops it anyway.
+    """
+    if not port.allows_vlan(h.vlan):
+        return VLAN_NOT_ALLOWED
+    if not port.port_security:
+        return None
+    if check_mac and h.src_mac != port.mac:
+        return SPOOFED_MAC
+    src = h.src
+    if src is not None and src not in _UNSPECIFIED and not port.owns_source(src):
+        return SPOOFED_SOURCE
+    return None
+
+
+_UNSPECIFIED: Final = frozenset({IPV4_BASE, _V6_UNSPECIFIED})

@@ -44,7 +44,7 @@ from appliance.classifier import Classifier
 from appliance.counters import CounterBook
 from appliance.datapath.base import Datapath
 from appliance.faults import INTERNAL_ERROR, Fault, make_fault
-from appliance.flows import DEFAULT_MAX_FLOWS, Conn, Flow, FlowTable, LayerStep
+from appliance.flows import DEFAULT_MAX_FLOWS, DEFAULT_PORT_SHARE, Conn, Flow, FlowTable, LayerStep
 from appliance.model import (
     Action,
     ActionKind,
@@ -67,6 +67,7 @@ from appliance.policydiff import PolicyDiff
 from appliance.timeouts import NS, TCP_ACK, TCP_SYN, TcpState, Timeouts
 
 FRAG_TIMEOUT_NS: Final = 30 * NS  # how long later fragments may follow their first one
+FRAG_PORT_MAX: Final = 4096  # first fragments remembered per ingress (then the oldest goes)
 EARLY_AGE_INTERVAL_NS: Final = NS  # at most one early-ageing scan per second
 EARLY_AGE_FRACTION: Final = 0.25  # full table: expire what is idle > 1/4 of its timeout
 PREFERRED_SPORT: Final = -1  # key in snat_ports: keep this translated port if free
@@ -276,6 +277,13 @@ def _address_problem(h: pk.Headers) -> str | None:
     return problem
 
 
+def _check_delivery(w: _Walk, dest: _PortCtx) -> None:
+    """A frame delivered to a port must carry a VLAN tag the port is on (access ports: none);
+    after a decap that is the inner frame's tag. Anything else is VLAN hopping."""
+    if w.drop_reason is None and not dest.port.allows_vlan(w.h.vlan):
+        w.drop_reason = guard.VLAN_NOT_ALLOWED
+
+
 def _link_local_scope(dst: int) -> bool:
     """Limited broadcast, IPv4 local-network multicast (224.0.0.0/24), IPv6 ff02::/16."""
     if is_ipv4(dst):
@@ -302,20 +310,24 @@ class Pipeline:
     """Layers, classifiers, flow table and datapath for one policy; see the module docstring."""
 
     def __init__(self, policy: Policy, datapath: Datapath, *, timeouts: Timeouts | None = None,
-                 max_flows: int = DEFAULT_MAX_FLOWS) -> None:
+                 max_flows: int = DEFAULT_MAX_FLOWS,
+                 port_share: float = DEFAULT_PORT_SHARE) -> None:
         self.datapath = datapath
         self.book = CounterBook()
-        self.flows = FlowTable(timeouts, max_flows, on_remove=self.book.retire)
+        self.flows = FlowTable(timeouts, max_flows, on_remove=self.book.retire,
+                               port_share=port_share)
         self.counters = Counters()
         # called with ("created", conn) / ("expired", conn) / ("evicted", flow) off the
         # per-packet path, and ("fault", Fault); the daemon turns them into operator events
         # and logs
         self.observers: list[Callable[[str, object], None]] = []
         self.generation = 0
-        self._frags: dict[tuple, tuple[Flow, int]] = {}
+        # per ingress, oldest first: fragment key -> (flow of its first fragment, deadline)
+        self._frags: dict[str, collections.OrderedDict[tuple, tuple[Flow, int]]] = {}
+        self.frag_evictions = 0  # remembered first fragments pushed out by a port's cap
         self._meters: dict[tuple, TokenBucket] = {}
         self._diff: PolicyDiff | None = None
-        self._last_early_ns = -EARLY_AGE_INTERVAL_NS
+        self._last_early_ns: dict[str | None, int] = {}  # per ingress (None: whole table)
         self._templates: dict[tuple, tuple[_Decision, int]] = {}
         self._port_fields: dict[tuple[str, Direction], set[str]] = {}
         self.template_hits = 0  # new connections decided by a template (no full walk)
@@ -337,8 +349,10 @@ class Pipeline:
             for name, layer in policy.layers.items()
         }
         ports = {p.name: _PortCtx(p, [classifiers[n] for n in p.layers]) for p in policy.ports}
-        by_mac = {p.mac: ports[p.name] for p in policy.ports}
+        by_mac = {p.mac: ports[p.name] for p in policy.ports if p.steer_by_mac}
         by_ip = {ip: ports[p.name] for p in policy.ports for ip in p.ips}
+        prefixes = sorted(((lo, hi, ports[p.name]) for p in policy.ports
+                           for lo, hi in p.allowed_sources), key=lambda t: t[1] - t[0])
         vips: list[tuple[int, int, _PortCtx]] = []
         owned: set[int] = set(by_ip)
         for p in policy.ports:
@@ -359,6 +373,7 @@ class Pipeline:
         self._ports = ports
         self._by_mac = by_mac
         self._by_ip = by_ip
+        self._prefixes = prefixes  # narrowest first
         self._vips = vips
         self._owned = owned
         self._uplink = policy.uplink
@@ -419,6 +434,10 @@ class Pipeline:
         fwd, rev = conn.forward, conn.reverse
         ingress, key = fwd.key
         h = self._headers_of(fwd)
+        if self._admit(h, ingress, check_mac=h.inner is None) is not None:
+            self._remove_conn(conn)  # e.g. the port no longer owns the source: no flow at all
+            stats.replaced += 1
+            return
         prefer = fwd.actions.sport if fwd.actions.sport is not None else fwd.actions.icmp_id
         d = None
         tkey = _template_key(h, ingress) if prefer is None else None
@@ -512,8 +531,11 @@ class Pipeline:
 
     def _prune_frags(self) -> None:
         """Forget fragment bookkeeping of connections that are gone."""
-        if self._frags:
-            self._frags = {k: v for k, v in self._frags.items() if not v[0].conn.removed}
+        for ingress, frags in list(self._frags.items()):
+            for k in [k for k, v in frags.items() if v[0].conn.removed]:
+                del frags[k]
+            if not frags:
+                del self._frags[ingress]
 
     def process(self, frame: bytes, ingress: str, now_ns: int) -> Result:
         """Run one frame through the switch; see the module docstring.
@@ -595,9 +617,9 @@ class Pipeline:
             if flags is not None and self._restarts(flow, flags):
                 return self._slow(frame, h, ingress, key, now_ns)
             return self._run(flow, frame, h, ingress, now_ns, flags)
-        problem = _address_problem(h)
+        problem = self._admit(h, ingress)
         if problem is not None:
-            return self._drop(ingress, "host", problem, key=key)
+            return self._refuse(ingress, problem, key)
         if h.embedded is not None:
             related = self._related(frame, h, ingress, now_ns)
             if related is not None:
@@ -617,7 +639,7 @@ class Pipeline:
                           existing.actions.drop_reason, existing.port, existing.direction,
                           existing.actions.output, None, existing, key=key)
         return self._slow(None, pk.headers_from_key(key), ingress, key, now_ns,
-                          prefer_sport=prefer_sport)
+                          prefer_sport=prefer_sport, check_mac=False)  # a key has no MACs
 
     def knows(self, frame: bytes, ingress: str) -> bool:
         """Cheap check: does this frame belong to a flow the host already has? (Common case
@@ -741,6 +763,22 @@ class Pipeline:
         return Result(ingress, "slow", verdict, d.conflict or a.drop_reason, d.port,
                       d.direction, a.output, None, probe, d.steps, key)
 
+    def _refuse(self, ingress: str, reason: str, key: tuple | None) -> Result:
+        """Drop a frame `_admit` refused: no flow, counted per port."""
+        sender = ingress in self._ports
+        return self._drop(ingress, "host", reason, key=key, port=ingress if sender else None,
+                          direction=Direction.OUT if sender else Direction.IN)
+
+    def _admit(self, h: pk.Headers, ingress: str, *, check_mac: bool = True) -> str | None:
+        """Why a frame may not reach the rules at all (appliance.guard), or None: addresses
+        no host may use, then what the sending port may not claim (port security, VLAN)."""
+        problem = _address_problem(h)
+        if problem is None:
+            ctx = self._ports.get(ingress)
+            if ctx is not None:
+                problem = guard.port_problem(ctx.port, h, check_mac=check_mac)
+        return problem
+
     def _remove_conn(self, conn: Conn) -> None:
         self.flows.remove(conn)
         for f in conn.flows():
@@ -860,7 +898,8 @@ class Pipeline:
     def _later_fragment(self, frame: bytes, h: pk.Headers, ingress: str,
                         now_ns: int) -> Result:
         fk = self._frag_key(h, ingress)
-        entry = self._frags.get(fk) if fk is not None else None
+        frags = self._frags.get(ingress)
+        entry = frags.get(fk) if frags is not None and fk is not None else None
         if entry is not None and entry[1] >= now_ns and not entry[0].conn.removed:
             return self._run(entry[0], frame, h, ingress, now_ns, None, note="fragment")
         return self._slow(frame, h, ingress, pk.flow_key(h), now_ns, create=False)
@@ -868,9 +907,16 @@ class Pipeline:
     def _remember_fragment(self, h: pk.Headers, ingress: str, flow: Flow, now_ns: int) -> None:
         fk = self._frag_key(h, ingress)
         if fk is not None:
-            if len(self._frags) > 65536:
-                self._frags = {k: v for k, v in self._frags.items() if v[1] >= now_ns}
-            self._frags[fk] = (flow, now_ns + FRAG_TIMEOUT_NS)
+            frags = self._frags.get(ingress)
+            if frags is None:
+                frags = self._frags[ingress] = collections.OrderedDict()
+            frags.pop(fk, None)  # re-inserted at the young end: deadlines stay in order
+            frags[fk] = (flow, now_ns + FRAG_TIMEOUT_NS)
+            while frags and next(iter(frags.values()))[1] < now_ns:
+                frags.popitem(last=False)  # expired
+            while len(frags) > FRAG_PORT_MAX:
+                frags.popitem(last=False)  # a hard cap per port: the oldest goes
+                self.frag_evictions += 1
 
     # ------------------------------------------------- ICMP errors (related)
 
@@ -910,22 +956,28 @@ class Pipeline:
     # -------------------------------------------------------------- slow path
 
     def _select_port(self, h: pk.Headers) -> _PortCtx | None:
-        """The port a packet is for: by destination MAC, then IP, then DNAT VIP.
+        """The port a packet is for: the destination decides, never the sender.
 
-        Tunnelled packets are looked at by their inner headers (after decap, [0072]).
+        By destination IP (a port's ``ips``), then DNAT VIP, then a port's
+        ``allowed_sources`` prefixes (a router VM's networks, narrowest first); by destination
+        MAC only for ports whose policy says ``steer_by_mac``. A frame addressed to one port's
+        MAC but another port's IP goes to the owner of the IP, so nobody can steer traffic
+        (or create flows occupying reply keys) in another port's name. Tunnelled packets are
+        looked at by their inner headers (after decap, [0072]).
         """
         t = h.inner if h.inner is not None else h
-        ctx = self._by_mac.get(t.dst_mac)
-        if ctx is not None:
-            return ctx
-        if t.dst is not None:
-            ctx = self._by_ip.get(t.dst)
+        dst = t.dst
+        if dst is not None:
+            ctx = self._by_ip.get(dst)
             if ctx is not None:
                 return ctx
             for lo, hi, vctx in self._vips:
-                if lo <= t.dst <= hi:
+                if lo <= dst <= hi:
                     return vctx
-        return None
+            for lo, hi, pctx in self._prefixes:
+                if lo <= dst <= hi:
+                    return pctx
+        return self._by_mac.get(t.dst_mac) if self._by_mac else None
 
     def _meter(self, port: Port, layer: Layer, direction: Direction, rule: str,
                m: Meter) -> TokenBucket:
@@ -1050,6 +1102,7 @@ class Pipeline:
                 w.drop_reason = "no_port"
                 return w, None, Direction.IN, None
             self._walk_port(w, ctx, Direction.IN, snat_ports)
+            _check_delivery(w, ctx)
             return w, ctx, Direction.IN, ctx.port.name
         ctx = self._ports.get(ingress)
         if ctx is None:
@@ -1062,6 +1115,7 @@ class Pipeline:
         if dest is None:
             return w, ctx, Direction.OUT, self._uplink
         self._walk_port(w, dest, Direction.IN, snat_ports)
+        _check_delivery(w, dest)
         return w, ctx, Direction.OUT, dest.port.name
 
     def _compile(self, h0: pk.Headers, w: _Walk, output: str | None,
@@ -1114,18 +1168,20 @@ class Pipeline:
                 break
         return rw, start
 
-    def _make_room(self, now_ns: int) -> bool:
-        """Full table: age idle connections early (rate-limited); True if room was made."""
-        if now_ns - self._last_early_ns < EARLY_AGE_INTERVAL_NS:
-            return False
-        self._last_early_ns = now_ns
-        for conn in self.flows.expire_early(now_ns, EARLY_AGE_FRACTION):
+    def _make_room(self, now_ns: int, ingress: str | None) -> None:
+        """Full table or full share: age ``ingress``'s idle connections early (rate-limited
+        per ingress). For a full table that is the heaviest holder: the port (or uplink)
+        holding the most pays, not the one that happens to ask."""
+        if now_ns - self._last_early_ns.get(ingress, -EARLY_AGE_INTERVAL_NS) < (
+                EARLY_AGE_INTERVAL_NS):
+            return
+        self._last_early_ns[ingress] = now_ns
+        for conn in self.flows.expire_early(now_ns, EARLY_AGE_FRACTION, ingress):
             for f in conn.flows():
                 if f.offloaded:
                     self.datapath.remove(f)
             self._emit("expired", conn)
         self._prune_frags()
-        return self.flows.has_room(2)
 
     def _steps(self, w: _Walk) -> tuple[LayerStep, ...]:
         return tuple(LayerStep(s.port.name, s.layer.name, s.direction, s.rule,
@@ -1209,18 +1265,28 @@ class Pipeline:
         self._templates[tkey] = (d, sport)
 
     def _slow(self, frame: bytes | None, h: pk.Headers | None, ingress: str, key: tuple,
-              now_ns: int, create: bool = True, prefer_sport: int | None = None) -> Result:
+              now_ns: int, create: bool = True, prefer_sport: int | None = None,
+              check_mac: bool = True) -> Result:
         """Evaluate the layers, create the flow pair, offload, then execute the new flow."""
         if h is None:
             h = _parse_known(frame)  # type: ignore[arg-type]
         if key is None:  # e.g. a tunnel whose inner frame is not IP: nothing to key a flow on
             return self._drop(ingress, "host", "non_ip")
-        problem = _address_problem(h)
+        problem = self._admit(h, ingress, check_mac=check_mac)
         if problem is not None:
-            return self._drop(ingress, "host", problem, key=key)
-        if create and not self.flows.has_room(2) and not self._make_room(now_ns):
-            self.flows.refused += 1
-            return self._drop(ingress, "slow", "flow_limit", key=key)
+            return self._refuse(ingress, problem, key)
+        if create:
+            flows = self.flows
+            if not flows.has_room(2):
+                self._make_room(now_ns, flows.heaviest())
+                if not flows.has_room(2):
+                    flows.refused += 1
+                    return self._drop(ingress, "slow", "flow_limit", key=key)
+            if not flows.port_has_room(ingress, 2):
+                self._make_room(now_ns, ingress)
+                if not flows.port_has_room(ingress, 2):
+                    flows.refused += 1
+                    return self._drop(ingress, "slow", "port_flow_limit", key=key)
         d = None
         tkey = _template_key(h, ingress) if create and prefer_sport is None else None
         if tkey is not None:

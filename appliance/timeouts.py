@@ -10,6 +10,8 @@ state              default   compared with
 tcp_syn            30 s      nftables/conntrack syn_sent 120 s; OVS datapath flows 10 s
                              (OVS megaflows are a cache, conntrack holds the state).
                              A handshake that has not finished in 30 s is dead or a scan.
+                             Also a connection picked up mid-stream (its first packet was
+                             not a SYN) until a packet is seen the other way.
 tcp_established    3600 s    conntrack 432000 s (5 days) is too long for a cache with a
                              capacity; Azure/VFP's load balancer idle timeout is 4 min by
                              default (configurable to 30 min), which surprises long-lived
@@ -40,6 +42,7 @@ class TcpState(enum.StrEnum):
     """Connection state followed from TCP flags (the GFT copy-on-flags model)."""
 
     NONE = "none"  # not TCP
+    UNCONFIRMED = "unconfirmed"  # picked up mid-stream (no SYN), not yet seen both ways
     SYN_SENT = "syn_sent"  # SYN seen, no reply yet
     SYN_RECEIVED = "syn_received"  # SYN+ACK seen
     ESTABLISHED = "established"
@@ -74,6 +77,7 @@ class Timeouts:
             seconds = {
                 TcpState.SYN_SENT: self.tcp_syn,
                 TcpState.SYN_RECEIVED: self.tcp_syn,
+                TcpState.UNCONFIRMED: self.tcp_syn,
                 TcpState.ESTABLISHED: self.tcp_established,
                 TcpState.CLOSING: self.tcp_closing,
                 TcpState.CLOSED: self.tcp_closed,
@@ -97,9 +101,11 @@ TCP_CONTROL: Final = TCP_FIN | TCP_SYN | TCP_RST  # flags a datapath copies up t
 def next_tcp_state(state: TcpState, flags: int, from_originator: bool) -> TcpState:
     """Advance the connection state for one packet's TCP flags.
 
-    Deliberately loose like conntrack's ``tcp_loose``: a connection first seen mid-stream is
-    taken as established, and sequence numbers are not checked (the guest is the endpoint,
-    we only need to know when to forget the connection).
+    Loose like conntrack's ``tcp_loose``, and sequence numbers are not checked (the guest is
+    the endpoint, we only need to know when to forget the connection): a connection first
+    seen mid-stream is picked up, but as UNCONFIRMED, with the short SYN timeout, until a
+    packet comes back the other way. Bare ACKs from spoofed sources (the uplink can send
+    those) therefore cost a table slot for `tcp_syn` seconds, not an hour.
     """
     if flags & TCP_RST:
         return TcpState.CLOSED
@@ -112,7 +118,9 @@ def next_tcp_state(state: TcpState, flags: int, from_originator: bool) -> TcpSta
             return TcpState.SYN_RECEIVED
         return state if state is not TcpState.NONE else TcpState.SYN_SENT
     if state is TcpState.NONE:
-        return TcpState.ESTABLISHED  # picked up mid-stream
+        return TcpState.UNCONFIRMED  # picked up mid-stream
+    if state is TcpState.UNCONFIRMED:
+        return state if from_originator else TcpState.ESTABLISHED
     if state is TcpState.SYN_RECEIVED and from_originator and flags & TCP_ACK:
         return TcpState.ESTABLISHED
     if state is TcpState.SYN_SENT and not from_originator:

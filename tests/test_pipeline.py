@@ -216,13 +216,13 @@ def test_nic_lru_eviction_keeps_the_flow_in_host_table():
 
 
 def test_snat_port_collision_picks_another_port():
-    p = make()
-    # two VMs' connections cannot both be 198.51.100.7:40000 -> same server: vm1 twice via
-    # different source IPs is impossible, so collide with a second connection from vm1's
-    # v4 address on a pre-existing reverse key.
+    # vm1 may send from its whole /24 here, so two of its inside addresses collide
+    p = Pipeline(parse_policy(POLICY.replace('ips: ["10.0.0.1", "fd00::1"],',
+                                             'ips: ["10.0.0.1", "fd00::1"], '
+                                             'allowed_sources: [10.0.0.0/24],')), SimNic())
     r1 = p.process(tcp("10.0.0.1", 40000, "93.184.216.34", 80, flags=SYN), "vm1", 0)
     assert parsed(r1.frame).sport == 40000
-    # same translated tuple from another inside address (spoofed source on vm1) collides
+    # same translated tuple from another inside address collides
     r2 = p.process(tcp("10.0.0.9", 40000, "93.184.216.34", 80, flags=SYN), "vm1", 1)
     assert r2.verdict == "forward"
     assert parsed(r2.frame).sport == 40001
@@ -232,12 +232,35 @@ def test_snat_port_collision_picks_another_port():
 
 
 def test_flow_limit_refuses_new_connections():
-    p = make(max_flows=2)
+    p = make(max_flows=2, port_share=1.0)
     assert p.process(udp("10.0.0.1", 1, "192.0.2.1", 2), "vm1", 0).verdict \
         == "forward"
     r = p.process(udp("10.0.0.1", 3, "192.0.2.1", 4), "vm1", 1)
     assert (r.verdict, r.reason) == ("drop", "flow_limit")
     assert p.flows.refused == 1
+
+
+def test_one_port_full_share_leaves_room_for_the_others():
+    p = make(max_flows=40, port_share=0.25)  # 10 flows = 5 connections per ingress
+    for i in range(5):
+        assert p.process(udp("10.0.0.1", 100 + i, "192.0.2.1", 53), "vm1", 0).verdict == \
+            "forward"
+    r = p.process(udp("10.0.0.1", 200, "192.0.2.1", 53), "vm1", 0)
+    assert (r.verdict, r.reason) == ("drop", "port_flow_limit")
+    assert p.process(udp("10.0.0.2", 1, "192.0.2.1", 53, src_mac=VM2_MAC), "vm2", 0).verdict \
+        == "forward"
+    assert p.flows.by_ingress == {"vm1": 10, "vm2": 2}
+
+
+def test_a_full_table_ages_the_heaviest_port_first():
+    p = make(max_flows=12, port_share=1.0, timeouts=Timeouts(udp=30))
+    for i in range(5):  # vm1: 10 flows, idle after t=0
+        p.process(udp("10.0.0.1", 100 + i, "192.0.2.1", 53), "vm1", 0)
+    p.process(udp("10.0.0.2", 1, "192.0.2.1", 53, src_mac=VM2_MAC), "vm2", 0)
+    # full; 20 s later (> 1/4 of the timeout idle) a vm2 connection takes vm1's idle ones
+    r = p.process(udp("10.0.0.2", 2, "192.0.2.1", 53, src_mac=VM2_MAC), "vm2", 20 * NS)
+    assert r.verdict == "forward"
+    assert p.flows.by_ingress["vm2"] == 4 and p.flows.by_ingress["vm1"] == 0
 
 
 @pytest.mark.parametrize(("target", "mac"), [("10.0.0.2", VM2_MAC), ("10.0.0.254", GW_MAC)])

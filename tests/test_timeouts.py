@@ -39,7 +39,10 @@ CASES = {
                          TcpState.SYN_RECEIVED, T.tcp_syn),
     "tcp_established": ([(out_tcp(SYN), "vm1"), (in_tcp(SYNACK), "up0"),
                          (out_tcp(ACK), "vm1")], TcpState.ESTABLISHED, T.tcp_established),
-    "tcp_midstream": ([(out_tcp(PSH), "vm1")], TcpState.ESTABLISHED, T.tcp_established),
+    # picked up mid-stream: short timeout until seen both ways (conntrack's loose mode)
+    "tcp_midstream": ([(out_tcp(PSH), "vm1")], TcpState.UNCONFIRMED, T.tcp_syn),
+    "tcp_midstream_confirmed": ([(out_tcp(PSH), "vm1"), (in_tcp(ACK), "up0")],
+                                TcpState.ESTABLISHED, T.tcp_established),
     "tcp_closing": ([(out_tcp(SYN), "vm1"), (in_tcp(SYNACK), "up0"), (out_tcp(ACK), "vm1"),
                      (out_tcp(FIN), "vm1")], TcpState.CLOSING, T.tcp_closing),
     "tcp_closed": ([(out_tcp(SYN), "vm1"), (in_tcp(RST), "up0")], TcpState.CLOSED,
@@ -81,7 +84,10 @@ def test_a_packet_restarts_the_idle_clock():
 
 @pytest.mark.parametrize(("state", "flags", "from_originator", "expected"), [
     (TcpState.NONE, SYN, True, TcpState.SYN_SENT),
-    (TcpState.NONE, PSH, True, TcpState.ESTABLISHED),
+    (TcpState.NONE, PSH, True, TcpState.UNCONFIRMED),
+    (TcpState.UNCONFIRMED, ACK, True, TcpState.UNCONFIRMED),
+    (TcpState.UNCONFIRMED, ACK, False, TcpState.ESTABLISHED),
+    (TcpState.UNCONFIRMED, RST, False, TcpState.CLOSED),
     (TcpState.SYN_SENT, SYNACK, False, TcpState.SYN_RECEIVED),
     (TcpState.SYN_SENT, ACK, False, TcpState.ESTABLISHED),
     (TcpState.SYN_RECEIVED, ACK, True, TcpState.ESTABLISHED),
