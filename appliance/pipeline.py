@@ -284,6 +284,11 @@ def _check_delivery(w: _Walk, dest: _PortCtx) -> None:
         w.drop_reason = guard.VLAN_NOT_ALLOWED
 
 
+def _link_local_source(src: int | None) -> bool:
+    """fe80::/10: valid on the link only; no router forwards a packet from it (RFC 4291)."""
+    return src is not None and src >> 118 == 0xFE80 >> 6
+
+
 def _link_local_scope(dst: int) -> bool:
     """Limited broadcast, IPv4 local-network multicast (224.0.0.0/24), IPv6 ff02::/16."""
     if is_ipv4(dst):
@@ -374,6 +379,8 @@ class Pipeline:
         self._by_mac = by_mac
         self._by_ip = by_ip
         self._prefixes = prefixes  # narrowest first
+        # port security on flow hits: the key holds the source address, not the MAC
+        self._port_macs = {p.name: p.mac for p in policy.ports if p.port_security}
         self._vips = vips
         self._owned = owned
         self._uplink = policy.uplink
@@ -588,6 +595,9 @@ class Pipeline:
             if flow is not None and flow.conn.generation != self.generation:
                 flow = self._refresh(flow, now_ns)
             if flow is not None:
+                mac = self._port_macs.get(ingress)
+                if mac is not None and mac != int.from_bytes(frame[6:12]):
+                    return self._refuse(ingress, guard.SPOOFED_MAC, key)
                 flags = None
                 if key[1] == 6:
                     flags = frame[47] if frame[12] == 0x08 else frame[67]
@@ -611,6 +621,9 @@ class Pipeline:
         if flow is not None and flow.conn.generation != self.generation:
             flow = self._refresh(flow, now_ns)
         if flow is not None:
+            mac = self._port_macs.get(ingress)
+            if mac is not None and mac != h.src_mac:
+                return self._refuse(ingress, guard.SPOOFED_MAC, key)
             if h.frag == 1:  # every datagram's later fragments follow its first one
                 self._remember_fragment(h, ingress, flow, now_ns)
             flags = h.inner.tcp_flags if h.inner is not None else h.tcp_flags
@@ -641,12 +654,24 @@ class Pipeline:
         return self._slow(None, pk.headers_from_key(key), ingress, key, now_ns,
                           prefer_sport=prefer_sport, check_mac=False)  # a key has no MACs
 
-    def knows(self, frame: bytes, ingress: str) -> bool:
-        """Cheap check: does this frame belong to a flow the host already has? (Common case
-        only; False means "maybe new".) Lets the daemon charge only new flows to a port's
-        slow-path budget, never the packets of established software-path flows."""
+    def starts_connection(self, frame: bytes, ingress: str) -> bool:
+        """Cheap check: would this frame cost a policy evaluation? True for a frame of no
+        known flow (common case only: anything the fast key does not cover counts as "maybe
+        new"), and for a SYN that restarts a closed connection on its forward flow. Lets the
+        daemon charge exactly the evaluations (restarts included) to a port's slow-path
+        budget, never the packets of established software-path flows."""
         key = pk.fast_flow_key(frame)
-        return key is not None and (ingress, key) in self.flows
+        if key is None:
+            return True
+        flow = self.flows.get((ingress, key))
+        if flow is None:
+            return True
+        if key[1] != 6:
+            return False
+        flags = frame[47] if frame[12] == 0x08 else frame[67]
+        conn = flow.conn
+        return (flags & (TCP_SYN | TCP_ACK) == TCP_SYN and flow is conn.forward
+                and conn.tcp_state in (TcpState.CLOSING, TcpState.CLOSED))
 
     def observe(self, frame: bytes, ingress: str, now_ns: int) -> Flow | None:
         """Follow a copy of a packet the datapath already forwarded (TCP control flags).
@@ -771,9 +796,14 @@ class Pipeline:
 
     def _admit(self, h: pk.Headers, ingress: str, *, check_mac: bool = True) -> str | None:
         """Why a frame may not reach the rules at all (appliance.guard), or None: addresses
-        no host may use, then what the sending port may not claim (port security, VLAN)."""
+        no host may use; link-local scope (a VM's own RS/MLD/DHCP from its link-local or
+        unspecified address is not spoofing, and is never forwarded either); then what the
+        sending port may not claim (port security, VLAN)."""
         problem = _address_problem(h)
         if problem is None:
+            t = h.inner if h.inner is not None else h
+            if t.dst is not None and (_link_local_scope(t.dst) or _link_local_source(t.src)):
+                return "link_local"
             ctx = self._ports.get(ingress)
             if ctx is not None:
                 problem = guard.port_problem(ctx.port, h, check_mac=check_mac)
@@ -897,6 +927,9 @@ class Pipeline:
 
     def _later_fragment(self, frame: bytes, h: pk.Headers, ingress: str,
                         now_ns: int) -> Result:
+        problem = self._admit(h, ingress)  # the fragment key holds no VLAN and no MAC
+        if problem is not None:
+            return self._refuse(ingress, problem, None)
         fk = self._frag_key(h, ingress)
         frags = self._frags.get(ingress)
         entry = frags.get(fk) if frags is not None and fk is not None else None

@@ -9,8 +9,9 @@ decisions it recorded could now come out differently:
 * it fell to a layer default that changed;
 * a new or modified rule with a better (lower) priority than the one it matched now matches
   the headers it had at that layer (its recorded lookup tuple);
-* its port's layer list changed, or something global changed (addresses or MACs of ports,
-  the uplink, DNAT VIPs: they decide where packets go).
+* its port's layer list changed, or something global changed (addresses, MACs, port
+  security or VLANs of ports, the uplink, DNAT VIPs: they decide where packets go and who
+  may send them).
 
 Anything else keeps its compiled actions; only the generation number moves.
 """
@@ -18,7 +19,7 @@ Anything else keeps its compiled actions; only the generation number moves.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from appliance.flows import Flow
 from appliance.model import Direction, Dnat, Layer, Match, Policy, Rule
@@ -113,8 +114,9 @@ def diff(old: Policy, new: Policy) -> PolicyDiff:
         d.everything = True
     old_ports = {p.name: p for p in old.ports}
     new_ports = {p.name: p for p in new.ports}
-    if {(p.name, p.mac, p.ips) for p in old.ports} != {(p.name, p.mac, p.ips) for p in new.ports}:
-        d.everything = True  # who owns which address decides where packets go
+    if {replace(p, layers=()) for p in old.ports} != {replace(p, layers=()) for p in new.ports}:
+        d.everything = True  # who owns which address decides where packets go and who may
+        # send what (port security, VLANs)
     if _vips(old) != _vips(new):
         d.everything = True
     for name, port in old_ports.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import trio
 from helpers import POLICY, udp
 
 from appliance.daemon.app import Daemon
@@ -64,7 +65,7 @@ class FakeKernel(SimNic):
 async def test_reoffloaded_flow_keeps_its_last_seen_fresh():
     nic = FakeKernel()
     p = Pipeline(parse_policy(POLICY), nic)
-    daemon = SimpleNamespace(pipeline=p, datapath=nic)
+    daemon = SimpleNamespace(pipeline=p, datapath=nic, _sync_lock=trio.Lock())
     daemon._fold_counters = lambda *a: Daemon._fold_counters(daemon, *a)
     p.process(udp("10.0.0.1", 5000, "192.0.2.1", 53), "vm1", 0)
     flow = p.flows.get(("vm1", next(iter(p.flows)).key[1]))

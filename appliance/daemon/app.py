@@ -37,12 +37,13 @@ from appliance.daemon.logs import RateLimited
 from appliance.daemon.metrics import MetricsServer
 from appliance.daemon.netlink import Link, LinkEvent, LinkWatcher
 from appliance.daemon.settings import Settings
-from appliance.daemon.upcall import Injector, Upcall, UpcallReader
+from appliance.daemon.upcall import FairQueue, Injector, Upcall, UpcallReader
 from appliance.faults import Fault, make_fault
 from appliance.model import Policy
 from appliance.pipeline import Pipeline, RevalidationStats
 from appliance.policy import ConfigError, parse_policy
 from appliance.policylint import policy_warnings
+from appliance.timeouts import TcpState
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -152,9 +153,11 @@ class Daemon:
         self.ipc: IpcServer | None = None
         self.metrics: MetricsServer | None = None
         self.setup_latency = Histogram()  # upcall batch read -> decision made, slow path only
-        self.upcall_channel: trio.MemorySendChannel[list[Upcall]] | None = None
+        self.upcall_queue: FairQueue | None = None
         self.policy_text = policy_text  # the YAML the running policy was parsed from
         self.probe: dict[str, bool] = {}
+        self._adopted_tags: dict[int, int] = {}  # ifindex -> tag a previous run used
+        self._sync_lock = trio.Lock()  # one counter fold at a time (ager, IPC, metrics)
         self.operator_stop = False  # SIGTERM/SIGINT asked us to stop (else: a crash)
         self.faults: collections.Counter[str] = collections.Counter()  # by Fault.where
         self._fault_log = RateLimited(FAULT_LOG_INTERVAL)
@@ -167,14 +170,32 @@ class Daemon:
         names[policy.uplink] = policy.uplink
         return names
 
-    def _tag_for(self, name: str) -> int:
+    def _tag_for(self, name: str, ifindex: int) -> int:
+        """The port tag upcalls from ``name`` carry. After a headless restart a device keeps
+        the tag the previous run gave it (the pinned tag map): upcalls still queued with the
+        old tag are credited to the right port, whatever order devices attach in now."""
         tag = self.tags.get(name)
         if tag is None:
             used = set(self.by_tag)
-            tag = next(t for t in range(1, MAX_TAG + 1) if t not in used)
+            tag = self._adopted_tags.get(ifindex)
+            if tag is None or tag in used:
+                tag = next(t for t in range(1, MAX_TAG + 1)
+                           if t not in used and t not in self._adopted_tags.values())
             self.tags[name] = tag
             self.by_tag[tag] = name
         return tag
+
+    def _port_kernel_settings(self, name: str) -> dict[str, Any]:
+        """What the kernel enforces for ``name``: the source MAC (port security) and the
+        port's upcall budget (all upcalls: misses and TCP control copies)."""
+        s = self.settings
+        port = self.policy.port(name)
+        if port is None:  # the uplink
+            return {"mac": None, "upcall_pps": s.upcall_uplink_rate,
+                    "upcall_burst": max(1, s.upcall_uplink_rate // 10)}
+        return {"mac": port.mac if port.port_security else None,
+                "upcall_pps": s.upcall_port_rate,
+                "upcall_burst": max(1, s.upcall_port_rate // 10)}
 
     # ----------------------------------------------------------------- faults
 
@@ -216,6 +237,8 @@ class Daemon:
                 tc.TcDatapath, capacity=s.nic_capacity, adopt=s.adopt, pin_dir=str(s.pin_dir),
                 upcall_ifindex=ifindex, policy=s.nic_policy, per_port=s.nic_port_quota)
             self.probe = await self.netlink.call(self.datapath.probe)
+            if self.datapath.adopted:
+                self._adopted_tags = await self.netlink.call(self.datapath.adopted_tags)
         log.info("datapath_ready", backend="tc", upcall_device=s.upcall_device,
                  upcall_ifindex=ifindex, probe=self.probe,
                  offloads=sorted(str(k) for k in self.datapath.capabilities),
@@ -224,9 +247,10 @@ class Daemon:
     async def _attach(self, name: str, link: Link) -> None:
         if self.attached.get(name) == link.ifindex:
             return
-        tag = self._tag_for(name)
+        tag = self._tag_for(name, link.ifindex)
         try:
-            await self.netlink.call(self.datapath.attach, name, link.ifindex, tag)
+            await self.netlink.call(self.datapath.attach, name, link.ifindex, tag,
+                                    **self._port_kernel_settings(name))
         except Exception as e:  # a device that vanished meanwhile: the next event fixes it
             log.warning("attach_failed", name=name, device=link.name, error=str(e))
             return
@@ -278,44 +302,45 @@ class Daemon:
                 log.info("link_state", name=name, device=ev.link.name, up=ev.link.up)
             await self._attach(name, ev.link)
 
-    async def slow_path(self, batches: trio.MemoryReceiveChannel[list[Upcall]], *,
+    async def slow_path(self, queue: FairQueue, *,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Evaluate missed packets, install their flows, re-inject them."""
+        """Evaluate missed packets, install their flows, re-inject them: `SLOW_PATH_SLICE`
+        upcalls at a time, round-robin across ports, yielding in between (operators, the
+        ager and the reader get in)."""
         task_status.started()
         pipeline = self.pipeline
         assert pipeline is not None
-        async with batches:
-            async for batch in batches:
-                now = time.monotonic_ns()
-                for i, up in enumerate(batch):
-                    if i and i % SLOW_PATH_SLICE == 0:
-                        await trio.sleep(0)  # operators and the ager get in between
-                        now = time.monotonic_ns()
-                    ingress = self.by_tag.get(up.tag)
-                    if ingress is None:
-                        self.upcall_drops += 1
-                        continue
-                    try:
-                        self._upcall(pipeline, up, ingress, now)
-                    except Exception as exc:  # never reached for packet faults (the
-                        # pipeline isolates them); this covers the daemon's own steps
-                        fault = self.record_fault("upcall", exc, ingress=ingress,
-                                                  frame=up.frame)
-                        pipeline.count_drop(ingress, fault)
-                await trio.sleep(0)  # let the IPC server and ager in between batches
+        while True:
+            await queue.wait()
+            now = time.monotonic_ns()
+            for up in queue.take(SLOW_PATH_SLICE):
+                ingress = self.by_tag.get(up.tag)
+                if ingress is None:
+                    self.upcall_drops += 1
+                    continue
+                try:
+                    self._upcall(pipeline, up, ingress, now)
+                except Exception as exc:  # never reached for packet faults (the
+                    # pipeline isolates them); this covers the daemon's own steps
+                    fault = self.record_fault("upcall", exc, ingress=ingress, frame=up.frame)
+                    pipeline.count_drop(ingress, fault)
+            await trio.sleep(0)
 
     def _upcall(self, pipeline: Pipeline, up: Upcall, ingress: str, now: int) -> None:
         """One upcall: follow a copy, or evaluate a miss within the port's budget and
         re-inject the packet where its flow sends it."""
         self.upcalls[ingress] += 1
-        if up.copy:
-            pipeline.observe(up.frame, ingress, now)
-            return
-        if not pipeline.knows(up.frame, ingress) and not self._budget(ingress).admit(1, now):
+        # every upcall was charged to the port's kernel budget on the way up; evaluations
+        # (new connections, restarts of closed ones by a copied SYN) also to this one
+        if pipeline.starts_connection(up.frame, ingress) and not self._budget(
+                ingress).admit(1, now):
             self.budget_drops[ingress] += 1
             if self._warn.allow(f"budget:{ingress}"):
                 log.warning("upcall_budget_exceeded", port=ingress,
                             rate=self.settings.upcall_rate, dropped=self.budget_drops[ingress])
+            return
+        if up.copy:
+            pipeline.observe(up.frame, ingress, now)
             return
         result = pipeline.process(up.frame, ingress, now)
         if result.path == "slow":
@@ -357,16 +382,24 @@ class Daemon:
         """Kernel hits never reach the daemon: fold the datapath's per-flow counters into the
         flows (ager sweeps, operator requests). The map is read on a worker thread (bpf(2)
         only), then decoded and folded `SYNC_CHUNK` entries at a time, yielding in between,
-        so even a 100k-flow table never holds up a first packet for more than a ms or so."""
+        so even a 100k-flow table never holds up a first packet for more than a ms or so.
+
+        One fold at a time: a fold of an older read after a newer one would take the
+        counters for a fresh entry and count them twice. A caller that finds a fold running
+        waits for it and uses its result."""
         if self.datapath is None:
             return
-        kb, vb, n = await trio.to_thread.run_sync(self.datapath.counter_blobs)
-        for start in range(0, n, SYNC_CHUNK):
-            try:
-                self._fold_counters(kb, vb, start, min(n, start + SYNC_CHUNK))
-            except Exception as exc:  # one bad chunk: the next sweep folds it again
-                self.record_fault("sweep", exc)
-            await trio.sleep(0)
+        if self._sync_lock.locked():
+            async with self._sync_lock:
+                return
+        async with self._sync_lock:
+            kb, vb, n = await trio.to_thread.run_sync(self.datapath.counter_blobs)
+            for start in range(0, n, SYNC_CHUNK):
+                try:
+                    self._fold_counters(kb, vb, start, min(n, start + SYNC_CHUNK))
+                except Exception as exc:  # one bad chunk: the next sweep folds it again
+                    self.record_fault("sweep", exc)
+                await trio.sleep(0)
 
     def _fold_counters(self, kb: bytes, vb: bytes, start: int, stop: int) -> None:
         pipeline = self.pipeline
@@ -387,8 +420,15 @@ class Daemon:
                 flow.bytes += nbytes - flow.kernel_bytes
                 flow.kernel_packets, flow.kernel_bytes = packets, nbytes
                 datapath.used(flow, new)
-                if last_ns > flow.conn.last_seen_ns:
-                    flow.conn.last_seen_ns = last_ns
+                conn = flow.conn
+                if last_ns > conn.last_seen_ns:
+                    conn.last_seen_ns = last_ns
+                # the kernel copies only SYN/FIN/RST up: the handshake's last ACK and the
+                # first reply of a mid-stream pickup are only seen here, as counters
+                if (conn.tcp_state is TcpState.UNCONFIRMED and flow is conn.reverse) or (
+                        conn.tcp_state is TcpState.SYN_RECEIVED and flow is conn.forward):
+                    conn.tcp_state = TcpState.ESTABLISHED
+                    pipeline.flows.reschedule(conn)
 
     async def signals(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as sigs:
@@ -442,6 +482,12 @@ class Daemon:
                 link = self.watcher.links.get(dev)
                 if link is not None:
                     await self._attach(name, link)
+        for name, ifindex in list(self.attached.items()):  # port security may have changed
+            try:
+                await self.netlink.call(self.datapath.configure_port, ifindex,
+                                        **self._port_kernel_settings(name))
+            except Exception as exc:
+                self.record_fault("netlink", exc, ingress=name)
         stats = await self.revalidate_all()
         generation = self.pipeline.generation if self.pipeline else 0
         log.info("reloaded", reason=reason, policy=policy.source, digest=policy.digest[:12],
@@ -483,19 +529,18 @@ class Daemon:
                     log.error("datapath_failed", error=str(e), hint=DATAPATH_HINT)
                     raise StartupError(f"cannot start the kernel datapath: {e}") from None
                 self.pipeline = Pipeline(self.policy, self.datapath,
-                                         timeouts=s.idle_timeouts(), max_flows=s.max_flows)
+                                         timeouts=s.idle_timeouts(), max_flows=s.max_flows,
+                                         port_share=s.port_flow_share)
                 self.pipeline.observers.append(self._flow_event)
                 link_send, link_recv = trio.open_memory_channel[LinkEvent](LINK_EVENTS)
-                up_send, up_recv = trio.open_memory_channel[list[Upcall]](
-                    max(1, s.upcall_queue // s.upcall_batch))
-                self.upcall_channel = up_send
+                self.upcall_queue = FairQueue(s.upcall_queue)
                 await nursery.start(self.port_manager, link_recv)
                 self.watcher = LinkWatcher(link_send)
                 await nursery.start(self.watcher.run)
                 await self.links_synced.wait()  # ports present at start are attached
                 self._adopt()
-                await nursery.start(self.slow_path, up_recv)
-                self.reader = UpcallReader(self.upcall_fd, up_send, s.upcall_batch)
+                await nursery.start(self.slow_path, self.upcall_queue)
+                self.reader = UpcallReader(self.upcall_fd, self.upcall_queue, s.upcall_batch)
                 await nursery.start(self.reader.run)
                 await nursery.start(self.ager)
                 self.ipc = IpcServer(self)

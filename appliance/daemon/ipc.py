@@ -62,6 +62,7 @@ SOCKET_MODE_SHARED: Final = 0o666  # when ipc_read_group is set (see run)
 BACKLOG: Final = 64  # pending connections
 MAX_CLIENTS: Final = 64  # connections served at once; more get "busy" and are closed
 IDLE_TIMEOUT: Final = 3600.0  # seconds a connection may wait between requests
+SNAPSHOT_IDLE: Final = 30.0  # seconds a flow-dump snapshot is kept between pages
 FRAME_TIMEOUT: Final = 10.0  # seconds for the rest of a frame once its header arrived
 SEND_TIMEOUT: Final = 5.0  # seconds one answer or event may take to be written
 RECV_CHUNK: Final = 65536  # bytes per read
@@ -276,9 +277,15 @@ class IpcServer:
             return
         ctx = Ctx(self.daemon, self, access=access, peer=(pid, uid, gid))
         while True:
-            with trio.move_on_after(IDLE_TIMEOUT) as idle:
+            # a paginated flow dump pins its snapshot (references to every flow) only while
+            # the client keeps reading pages: idle longer and the snapshot is let go
+            with trio.move_on_after(SNAPSHOT_IDLE if ctx.conn.snapshot is not None
+                                    else IDLE_TIMEOUT) as idle:
                 header = await conn.read_exact(HEADER.size)
             if idle.cancelled_caught:
+                if ctx.conn.snapshot is not None:
+                    ctx.conn.snapshot = None  # its cursors now answer "expired"
+                    continue
                 return
             (length,) = HEADER.unpack(header)
             if length > MAX_REQUEST:

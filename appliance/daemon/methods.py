@@ -178,13 +178,14 @@ def event_wire(event: dict[str, Any]) -> dict[str, Any]:
 
 # -------------------------------------------------------------------- counter snapshot
 
-async def counter_snapshot(daemon: Any) -> tuple[dict[RuleId, RuleCounters],
-                                                dict[str, PortCounters]]:
+async def counter_snapshot(daemon: Any, *, sync: bool = True) -> tuple[
+        dict[RuleId, RuleCounters], dict[str, PortCounters]]:
     """`CounterBook.snapshot` in chunks: retired totals and the flow list taken at the start
     (so a connection retired meanwhile is counted exactly once), live flows folded in
-    between yields."""
+    between yields. ``sync``: fold the kernel's counters first (else: as of the last sweep)."""
     pipeline = daemon.pipeline
-    await daemon.sync_counters_async()
+    if sync:
+        await daemon.sync_counters_async()
     retired_rules, retired_ports = pipeline.book.snapshot(())
     rules: dict[RuleId, RuleCounters] = defaultdict(RuleCounters, retired_rules)
     ports: dict[str, PortCounters] = defaultdict(PortCounters, retired_ports)
@@ -279,7 +280,7 @@ async def status(ctx: Ctx, p: NoParams) -> dict[str, Any]:
     d = ctx.daemon
     pipeline = d.pipeline
     file_digest = await trio.to_thread.run_sync(_file_digest, Path(d.settings.policy))
-    chan = d.upcall_channel.statistics() if d.upcall_channel is not None else None
+    fq = d.upcall_queue
     trio_stats = trio.lowlevel.current_statistics()
     flows = pipeline.flows
     return {
@@ -309,8 +310,9 @@ async def status(ctx: Ctx, p: NoParams) -> dict[str, Any]:
         "flows": {"active": len(flows), "max": flows.max_flows, "created": flows.created,
                   "expired": flows.expired, "refused": flows.refused},
         "upcalls": {
-            "queue_depth": chan.current_buffer_used if chan else 0,
-            "queue_size": chan.max_buffer_size if chan else 0,
+            "queue_depth": fq.depth if fq is not None else 0,
+            "queue_size": fq.per_port if fq is not None else 0,  # per port
+            "queue_drops": sum(fq.drops.values()) if fq is not None else 0,
             "reader": dataclasses.asdict(d.reader.stats) if d.reader is not None else {},
             "drops": d.upcall_drops,
             "setup_p50": d.setup_latency.quantile(0.5),
@@ -337,6 +339,7 @@ async def ports(ctx: Ctx, p: NoParams) -> list[dict[str, Any]]:
     for (ingress, reason), n in d.pipeline.counters.port_drops.items():
         drops[ingress][reason] = n
     links = d.watcher.links if d.watcher is not None else {}
+    kernel_drops = d.datapath.port_upcall_drops()  # one bpf(2) lookup per port
     rows = []
     entries = [(pt.name, pt.interface, int_to_mac(pt.mac), [str(int_to_ip(i)) for i in pt.ips],
                 list(pt.layers)) for pt in d.policy.ports]
@@ -350,6 +353,10 @@ async def ports(ctx: Ctx, p: NoParams) -> list[dict[str, Any]]:
             "up": link.up if link is not None else False,
             "attached": name in d.attached, "tag": d.tags.get(name),
             "upcalls": d.upcalls.get(name, 0), "upcall_budget_drops": d.budget_drops.get(name, 0),
+            "upcall_kernel_drops": kernel_drops.get(name, (0, 0))[0],
+            "copy_kernel_drops": kernel_drops.get(name, (0, 0))[1],
+            "upcall_queue_drops": (d.upcall_queue.drops.get(d.tags.get(name), 0)
+                                   if d.upcall_queue is not None else 0),
             "mac": mac, "ips": ips, "layers": layers,
             **c.as_dict(), "drops": drops.get(name, {}),
         })

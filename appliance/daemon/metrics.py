@@ -6,10 +6,16 @@ requests get 400, other paths 404, other methods 405; a client that does not sen
 request head within `REQUEST_TIMEOUT` or does not read the answer within `SEND_TIMEOUT` is
 dropped. Counters come from the same chunked snapshot as the IPC (`methods.counter_snapshot`),
 so a scrape never stalls the slow path.
+
+Scrapes are cheap for the daemon whoever sends them: at most `MAX_CONNECTIONS` at a time
+(more get 503), the kernel's per-flow counters are the ones the ager folded at its last sweep
+(a scrape never reads the kernel map itself), and one rendered answer serves every scrape
+for `CACHE_TTL`. It listens on loopback unless the settings allow more (metrics_allow_remote).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable
@@ -27,6 +33,8 @@ REQUEST_TIMEOUT: Final = 5.0  # seconds to receive the request head
 SEND_TIMEOUT: Final = 10.0  # seconds to write the answer
 MAX_HEAD: Final = 8192  # bytes of request line + headers
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+MAX_CONNECTIONS: Final = 4  # concurrent scrapers (Prometheus needs one)
+CACHE_TTL: Final = 1.0  # seconds one rendered answer serves every scrape
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -76,7 +84,7 @@ class _Exposition:
 
 async def render(daemon: Any) -> str:
     """The whole exposition for one scrape."""
-    rules, ports = await counter_snapshot(daemon)
+    rules, ports = await counter_snapshot(daemon, sync=False)  # the ager's last fold
     pipeline = daemon.pipeline
     e = _Exposition()
     e.family("appliance_info", "gauge", "Daemon version.", [({"version": __version__}, 1)])
@@ -118,9 +126,13 @@ async def render(daemon: Any) -> str:
     for field in ("hits", "misses", "evictions", "offloads", "refusals"):
         e.family(f"appliance_nic_{field}_total", "counter", f"Kernel cache {field}.",
                  [({}, getattr(st, field))])
-    chan = daemon.upcall_channel.statistics() if daemon.upcall_channel is not None else None
-    e.family("appliance_upcall_queue_depth", "gauge", "Upcall batches waiting for the slow "
-             "path.", [({}, chan.current_buffer_used if chan else 0)])
+    fq = daemon.upcall_queue
+    e.family("appliance_upcall_queue_depth", "gauge", "Upcalls waiting for the slow path.",
+             [({}, fq.depth if fq is not None else 0)])
+    e.family("appliance_port_upcall_queue_drops_total", "counter", "Upcalls dropped because "
+             "the port's queue to the slow path was full.",
+             [({"port": daemon.by_tag.get(t, str(t))}, n)
+              for t, n in sorted(fq.drops.items())] if fq is not None else [])
     e.family("appliance_upcall_drops_total", "counter", "Upcalls dropped by the daemon.",
              [({}, daemon.upcall_drops)])
     if daemon.reader is not None:
@@ -131,6 +143,11 @@ async def render(daemon: Any) -> str:
     e.family("appliance_port_upcall_budget_drops_total", "counter", "New-flow upcalls over the "
              "port's slow-path budget.",
              [({"port": p}, n) for p, n in sorted(daemon.budget_drops.items())])
+    e.family("appliance_port_upcall_kernel_drops_total", "counter", "Upcalls over the port's "
+             "kernel budget, dropped in the kernel, by kind (miss, copy).",
+             [({"port": p, "kind": kind}, n[i])
+              for p, n in sorted(daemon.datapath.port_upcall_drops().items())
+              for i, kind in enumerate(("miss", "copy"))])
     e.family("appliance_internal_errors_total", "counter", "Unexpected exceptions caught at a "
              "unit-of-work boundary (a bug: each cost one packet or request, never the switch).",
              [({"where": w}, n) for w, n in sorted(daemon.faults.items())])
@@ -163,6 +180,9 @@ class MetricsServer:
         self.host, self.port = parse_address(address)
         self.scrapes = 0
         self.bad_requests = 0
+        self.busy = 0  # connections turned away (MAX_CONNECTIONS)
+        self._slots = trio.CapacityLimiter(MAX_CONNECTIONS)
+        self._cache: tuple[float, str] | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.port, host=self.host or None)
@@ -181,6 +201,23 @@ class MetricsServer:
         return bytes(buf)
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            self.busy += 1
+            with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError,
+                                                            trio.ClosedResourceError):
+                await stream.send_all(_response("503 Service Unavailable", "busy\n"))
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await stream.aclose()
+            return
+        try:
+            await self._serve(stream)
+        finally:
+            self._slots.release()
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
         reply: bytes | None = None
         try:
             with trio.move_on_after(REQUEST_TIMEOUT):
@@ -210,7 +247,12 @@ class MetricsServer:
         if method not in (b"GET", b"HEAD"):
             return _response("405 Method Not Allowed", "GET only\n")
         self.scrapes += 1
-        body = await render(self.daemon)
+        now = time.monotonic()
+        if self._cache is not None and now - self._cache[0] < CACHE_TTL:
+            body = self._cache[1]
+        else:
+            body = await render(self.daemon)
+            self._cache = (time.monotonic(), body)
         reply = _response("200 OK", body, CONTENT_TYPE)
         if method == b"HEAD":
             reply = reply[:reply.index(b"\r\n\r\n") + 4]

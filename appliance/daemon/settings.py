@@ -11,13 +11,16 @@ settings file. Example (all keys, defaults shown)::
     nic_policy = "tinylfu"          # cache admission/replacement: tinylfu, lru, random
     # nic_port_quota = 4096         # at most this many cached flows per port
     max_flows = 1000000             # host flow table
+    port_flow_share = 0.25          # of max_flows, what one port (or the uplink) may hold
     headless = false                # on exit, leave the kernel datapath forwarding
     adopt = true                    # at start, adopt what a headless run left
     upcall_device = "apl-upcall"    # TAP the miss filter sends packets to
     pin_dir = "/sys/fs/bpf/appliance"  # where the kernel flow cache's maps are pinned
-    upcall_queue = 1024             # packets buffered between reader and slow path
+    upcall_queue = 256              # packets buffered per port between reader and slow path
     upcall_batch = 256              # packets read per wakeup at most
     upcall_rate = 20000             # new-flow evaluations per port per second (then dropped)
+    upcall_port_rate = 10000        # upcalls of any kind per port per second (kernel-enforced)
+    upcall_uplink_rate = 40000      # the same for the uplink (it carries every VM's inbound)
     sweep_interval = 1.0            # seconds between ageing/counter sweeps
     shutdown_deadline = 5.0         # seconds to drain and clean up on SIGTERM
     log_format = "auto"             # "json", "console" or "auto" (console on a terminal)
@@ -29,11 +32,12 @@ settings file. Example (all keys, defaults shown)::
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from appliance.policy import ConfigError, format_path
 from appliance.timeouts import Timeouts
@@ -62,23 +66,42 @@ class Settings(BaseModel):
     ipc_group: str | None = None  # members may use every method (root always can)
     ipc_read_group: str | None = None  # members may use read-only methods
     metrics_address: str | None = None  # "127.0.0.1:9469" to serve Prometheus metrics
+    metrics_allow_remote: bool = False  # let metrics_address be more than loopback
     datapath: Literal["tc"] = "tc"
     nic_capacity: int = Field(262144, ge=1, le=16_777_216)
     nic_policy: Literal["tinylfu", "lru", "random"] = "tinylfu"
     nic_port_quota: int | None = Field(None, ge=1)  # cached flows per port at most
     max_flows: int = Field(1_000_000, ge=2)
+    port_flow_share: float = Field(0.25, gt=0, le=1)  # of max_flows, per port (and uplink)
     headless: bool = False
     adopt: bool = True
     upcall_device: str = Field("apl-upcall", min_length=1, max_length=15)
     pin_dir: Path = Path("/sys/fs/bpf/appliance")
-    upcall_queue: int = Field(1024, ge=1)
+    upcall_queue: int = Field(256, ge=1)  # per port
     upcall_batch: int = Field(256, ge=1)
     upcall_rate: int = Field(20000, ge=1)  # new-flow evaluations per port per second
+    upcall_port_rate: int = Field(10000, ge=0)  # upcalls/s per port, in the kernel (0: none)
+    upcall_uplink_rate: int = Field(40000, ge=0)  # the same for the uplink
     sweep_interval: float = Field(1.0, gt=0)
     shutdown_deadline: float = Field(5.0, gt=0)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     timeouts: TimeoutSettings = TimeoutSettings()
+
+    @model_validator(mode="after")
+    def _metrics_on_loopback(self) -> Self:
+        """Metrics name every port and rule: beyond this host only when asked for."""
+        if self.metrics_address is None or self.metrics_allow_remote:
+            return self
+        host = self.metrics_address.rpartition(":")[0].strip("[]")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(f"metrics_address {self.metrics_address!r} listens beyond this "
+                             "host; use 127.0.0.1:PORT or set metrics_allow_remote = true")
+        return self
 
     def idle_timeouts(self) -> Timeouts:
         return Timeouts().with_overrides(**self.timeouts.model_dump())
@@ -102,7 +125,7 @@ def load_settings(path: Path | None, **overrides: object) -> Settings:
         lines = []
         for err in e.errors():
             where = format_path(err["loc"]) or "top level"
-            msg = err["msg"]
+            msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = f"unknown key {err['loc'][-1]!r}"
             lines.append(f"{source}: {where}: {msg}")

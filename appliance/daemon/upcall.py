@@ -9,14 +9,18 @@ not send it again. Frame format read from the TAP::
     [dst mac][src mac][0x8100][tag: 0x800 copy | port tag][original ethertype ...]
 
 The reader always drains the TAP (KERNEL.md: one read per wakeup caps at ~35k pkts/s, a drain
-loop at ~180k) and hands batches to the slow path over a bounded channel. When the slow path
-falls behind, the channel fills, the reader stops reading, the TAP's queue fills and the
-kernel drops further misses (counted on the TAP): new flows queue or drop, established
-(offloaded) traffic never waits for the daemon.
+loop at ~180k) into a `FairQueue`: one bounded queue per port, served round-robin by the slow
+path. Reading costs a few microseconds per frame, evaluating tens, so the TAP (whose queue
+all ports share, first come first served) stays empty and a port that floods fills only its
+own queue: its excess is dropped there (counted per port) while every other port's upcalls
+wait behind at most one of its packets per round. Each port's upcall rate is also capped in
+the kernel (`upcall_port_rate`), so the reader's share of the CPU stays bounded too.
+Established (offloaded) traffic never waits for the daemon.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 from dataclasses import dataclass
@@ -53,10 +57,61 @@ def split_tag(frame: bytes) -> Upcall | None:
     return Upcall(tci & TAG_MASK, bool(tci & TAG_COPY), frame[:12] + frame[16:])
 
 
-class UpcallReader:
-    """Reads the upcall TAP in trio and sends lists of `Upcall`s to the slow path."""
+class FairQueue:
+    """Upcalls waiting for the slow path: a bounded FIFO per port tag, taken round-robin.
 
-    def __init__(self, fd: int, out: trio.MemorySendChannel[list[Upcall]], batch: int) -> None:
+    ``put_nowait`` never blocks (the reader must keep the TAP empty); a full port queue drops
+    the new upcall and counts it under its tag. ``take`` returns up to ``n`` upcalls, one per
+    port per round, so a flooding port gets the same share of the slow path as any other.
+    """
+
+    def __init__(self, per_port: int) -> None:
+        self.per_port = per_port
+        self._queues: dict[int, collections.deque[Upcall]] = {}
+        self._ready: collections.deque[int] = collections.deque()  # tags with upcalls
+        self._event = trio.Event()
+        self.depth = 0
+        self.drops: collections.Counter[int] = collections.Counter()  # by tag
+
+    def put_nowait(self, up: Upcall) -> bool:
+        q = self._queues.get(up.tag)
+        if q is None:
+            q = self._queues[up.tag] = collections.deque()
+        if len(q) >= self.per_port:
+            self.drops[up.tag] += 1
+            return False
+        if not q:
+            self._ready.append(up.tag)
+        q.append(up)
+        self.depth += 1
+        self._event.set()
+        return True
+
+    def take(self, n: int) -> list[Upcall]:
+        """Up to ``n`` upcalls, round-robin across ports (empty if none wait)."""
+        out: list[Upcall] = []
+        ready = self._ready
+        queues = self._queues
+        while ready and len(out) < n:
+            tag = ready.popleft()
+            q = queues[tag]
+            out.append(q.popleft())
+            if q:
+                ready.append(tag)
+        self.depth -= len(out)
+        return out
+
+    async def wait(self) -> None:
+        """Until at least one upcall waits."""
+        while not self._ready:
+            self._event = trio.Event()
+            await self._event.wait()
+
+
+class UpcallReader:
+    """Reads the upcall TAP in trio into a `FairQueue` for the slow path."""
+
+    def __init__(self, fd: int, out: FairQueue, batch: int) -> None:
         self._fd = fd
         self._out = out
         self._batch = batch
@@ -80,19 +135,20 @@ class UpcallReader:
         return batch
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with self._out:
-            task_status.started(self)
+        task_status.started(self)
+        put = self._out.put_nowait
+        while True:
+            await trio.lowlevel.wait_readable(self._fd)
+            self.stats.wakeups += 1
             while True:
-                await trio.lowlevel.wait_readable(self._fd)
-                self.stats.wakeups += 1
-                while True:
-                    batch = self._drain()
-                    if not batch:
-                        break
+                batch = self._drain()
+                for up in batch:
+                    put(up)
+                if batch:
                     self.stats.batches += 1
-                    await self._out.send(batch)
-                    if len(batch) < self._batch:
-                        break
+                if len(batch) < self._batch:
+                    break
+                await trio.sleep(0)  # a full batch: let the slow path in before reading on
 
 
 class Injector:

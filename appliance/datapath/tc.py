@@ -58,7 +58,7 @@ T = TypeVar("T")
 BPF_OBJECT: Final = str(Path(__file__).parent / "bpf" / "flowcache.bpf.o")
 DEFAULT_CAPACITY: Final = 262144  # flows (BPF hash map max_entries)
 PIN_ROOT: Final = libbpf.PIN_ROOT
-PINNED_MAPS: Final = ("flows", "tags", "config", "stats")
+PINNED_MAPS: Final = ("flows", "tags", "config", "stats", "ports")
 PROG_FLOWCACHE: Final = "flowcache"
 PROG_UPCALL: Final = "upcall"
 PRIO_FLOWCACHE: Final = 1  # tc filter priority (lower runs first)
@@ -90,8 +90,13 @@ FV_OSMAC: Final = 1 << 10
 FV_ODMAC: Final = 1 << 11
 FV_REVERSE: Final = 1 << 31  # userspace bookkeeping only: the program never reads it
 
-ST_HIT, ST_MISS, ST_DROP, ST_UPCALL, ST_COPY, ST_ERROR, ST_NOTAG = range(7)
-STAT_NAMES: Final = ("hit", "miss", "drop", "upcall", "copy", "error", "notag")
+ST_HIT, ST_MISS, ST_DROP, ST_UPCALL, ST_COPY, ST_ERROR, ST_NOTAG, ST_LIMITED, ST_SPOOFED = range(9)
+STAT_NAMES: Final = ("hit", "miss", "drop", "upcall", "copy", "error", "notag",
+                     "upcall_limited", "spoofed_mac")
+PORT_CHECK_MAC: Final = 1  # struct port_cfg.flags
+NS_PER_S: Final = 1_000_000_000
+# struct port_cfg: mac, flags, upcall interval/tolerance (ns), miss tat/drops, copy tat/drops
+PORT_CFG: Final = struct.Struct("=6sHQQQQQQ")
 CFG_UPCALL_IFINDEX: Final = 0
 
 _U8_16 = ctypes.c_uint8 * 16
@@ -412,6 +417,9 @@ class TcDatapath:
         try:
             self.flows = self._obj.map("flows")
             self.tags = self._obj.map("tags")
+            self.port_cfg = self._obj.map("ports")
+            if self.port_cfg.value_size != PORT_CFG.size:
+                raise RuntimeError(f"port map layout mismatch: {self.port_cfg.value_size} bytes")
             self.config = self._obj.map("config")
             self.stats_map = self._obj.map("stats", percpu=True)
             if (self.flows.key_size, self.flows.value_size) != (KEY.size, VAL.size):
@@ -481,9 +489,13 @@ class TcDatapath:
 
     # ------------------------------------------------------------ devices
 
-    def attach(self, name: str, ifindex: int, tag: int) -> None:
+    def attach(self, name: str, ifindex: int, tag: int, *, mac: int | None = None,
+               upcall_pps: int = 0, upcall_burst: int = 0) -> None:
         """Put clsact + flowcache + the miss filter on ingress of ``ifindex`` (port ``name``).
 
+        ``mac``: port security in the kernel (only frames from this source MAC can hit).
+        ``upcall_pps``/``upcall_burst``: the port's upcall budget, enforced by the program
+        (misses and TCP control copies over it are dropped in the kernel; 0: no budget).
         replace-filter with explicit handles: attaching twice (or after a restart) replaces
         the old programs instead of adding a second copy (KERNEL.md pitfall 5).
         """
@@ -491,6 +503,7 @@ class TcDatapath:
             raise ValueError(f"tag {tag} outside {TAG_MIN}..{TAG_MAX}")
         with contextlib.suppress(NetlinkError):  # EEXIST: clsact already there
             self._ipr.tc("add", "clsact", ifindex)
+        self.configure_port(ifindex, mac=mac, upcall_pps=upcall_pps, upcall_burst=upcall_burst)
         self.tags.update(struct.pack("=I", ifindex), struct.pack("=I", tag))
         for prio, prog in ((PRIO_UPCALL, PROG_UPCALL), (PRIO_FLOWCACHE, PROG_FLOWCACHE)):
             self._ipr.tc("replace-filter", "bpf", ifindex, FILTER_HANDLE, parent=TC_INGRESS,
@@ -501,6 +514,33 @@ class TcDatapath:
             self._names.pop(old, None)
         self._ports[name] = ifindex
         self._names[ifindex] = name
+
+    def configure_port(self, ifindex: int, *, mac: int | None = None, upcall_pps: int = 0,
+                       upcall_burst: int = 0) -> None:
+        """Write a port's kernel settings (see `attach`); the upcall drop count is kept."""
+        interval = NS_PER_S // upcall_pps if upcall_pps > 0 else 0
+        tolerance = interval * max(1, upcall_burst)
+        k = struct.pack("=I", ifindex)
+        old = self.port_cfg.lookup(k)
+        drops, copy_drops = (PORT_CFG.unpack(old)[5::2] if old is not None else (0, 0))
+        self.port_cfg.update(k, PORT_CFG.pack(
+            (mac or 0).to_bytes(6, "big"), PORT_CHECK_MAC if mac is not None else 0,
+            interval, tolerance, 0, drops, 0, copy_drops))
+
+    def port_upcall_drops(self) -> dict[str, tuple[int, int]]:
+        """(misses, copies) each attached port lost to its kernel budgets, by name."""
+        out = {}
+        for name, ifindex in self._ports.items():
+            raw = self.port_cfg.lookup(struct.pack("=I", ifindex))
+            if raw is not None:
+                f = PORT_CFG.unpack(raw)
+                out[name] = (f[5], f[7])
+        return out
+
+    def adopted_tags(self) -> dict[int, int]:
+        """ifindex -> port tag of the devices a previous run attached (pinned tag map)."""
+        return {struct.unpack("=I", k)[0]: struct.unpack("=I", v)[0]
+                for k, v in self.tags.items()}
 
     def _del_filters(self, ifindex: int) -> None:
         for prio in (PRIO_FLOWCACHE, PRIO_UPCALL):
@@ -516,6 +556,7 @@ class TcDatapath:
         self._names.pop(ifindex, None)
         self._del_filters(ifindex)
         self.tags.delete(struct.pack("=I", ifindex))
+        self.port_cfg.delete(struct.pack("=I", ifindex))
 
     def filters(self, ifindex: int) -> list[tuple[int, str]]:
         """(prio, kind) of every ingress filter on ``ifindex`` (tests, diagnostics)."""

@@ -66,6 +66,13 @@ struct {
 } tags SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32); /* ifindex */
+	__type(value, struct port_cfg);
+} ports SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, CFG_MAX);
 	__type(key, __u32);
@@ -90,6 +97,7 @@ struct parsed {
 	__u8 outer_v6;   /* VXLAN: outer header is IPv6 */
 	__u8 tcp_flags;
 	__u32 udp_end;   /* UDP: end of the datagram (bounds a VXLAN inner frame) */
+	__u8 smac[6];    /* the frame's (outer) source MAC */
 };
 
 static __always_inline void count(__u32 idx)
@@ -278,6 +286,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow_key *k, stru
 		return -1;
 	if (eth.h_proto == bpf_htons(ETH_P_8021Q) || eth.h_proto == bpf_htons(ETH_P_8021AD_))
 		return -1;
+	__builtin_memcpy(p->smac, eth.h_source, 6);
 	k->ifindex = skb->ifindex;
 	p->l3 = ETH_HLEN;
 	if (parse_ip(skb, ETH_HLEN, skb->len, eth.h_proto, k->src, k->dst, &k->proto, &p->l4, &end,
@@ -290,6 +299,50 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow_key *k, stru
 	return 0;
 }
 
+/* A port's upcall budget (GCRA, like a token bucket with one timestamp of state): a flood
+ * from one port is dropped here, in the kernel, and never fills the upcall queue the other
+ * ports share. The update races between CPUs; at worst a few extra upcalls get through. */
+static __always_inline int gcra(struct port_cfg *pc, __u64 *tatp, __u64 *drops)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__u64 tat = *tatp;
+
+	if (tat < now)
+		tat = now;
+	if (tat - now > pc->upcall_tolerance_ns) {
+		__sync_fetch_and_add(drops, 1);
+		count(ST_LIMITED);
+		return 0;
+	}
+	*tatp = tat + pc->upcall_interval_ns;
+	return 1;
+}
+
+/* ``copy``: a TCP control copy (its own budget) rather than a miss. */
+static __always_inline int upcall_allowed(__u32 ifindex, int copy)
+{
+	struct port_cfg *pc = bpf_map_lookup_elem(&ports, &ifindex);
+
+	if (!pc || !pc->upcall_interval_ns)
+		return 1;
+	if (copy)
+		return gcra(pc, &pc->copy_tat, &pc->copy_drops);
+	return gcra(pc, &pc->tat, &pc->upcall_drops);
+}
+
+/* Port security in the kernel: a frame from a port that checks MACs must carry the port's
+ * own source MAC to hit (the key holds the source IP, not the MAC); anything else goes up
+ * and the daemon drops it as spoofed_mac. */
+static __always_inline int mac_allowed(__u32 ifindex, const __u8 *smac)
+{
+	struct port_cfg *pc = bpf_map_lookup_elem(&ports, &ifindex);
+
+	if (!pc || !(pc->flags & PORT_CHECK_MAC))
+		return 1;
+	return *(const __u32 *)smac == *(const __u32 *)pc->mac &&
+	       *(const __u16 *)(smac + 4) == *(const __u16 *)(pc->mac + 4);
+}
+
 /* Copy a TCP SYN/FIN/RST of an offloaded flow to the daemon (GFT copy-on-flags), tagged
  * with the port tag | TAG_COPY so it follows the connection state but never re-injects it. */
 static __always_inline void copy_up(struct __sk_buff *skb)
@@ -299,7 +352,7 @@ static __always_inline void copy_up(struct __sk_buff *skb)
 	__u32 *up = bpf_map_lookup_elem(&config, &idx);
 	__u32 *tag = bpf_map_lookup_elem(&tags, &ifindex);
 
-	if (!up || !*up || !tag)
+	if (!up || !*up || !tag || !upcall_allowed(ifindex, 1))
 		return;
 	if (bpf_skb_vlan_push(skb, bpf_htons(ETH_P_8021Q), (*tag | TAG_COPY) & 0xFFF) < 0)
 		return;
@@ -519,6 +572,10 @@ int flowcache(struct __sk_buff *skb)
 
 	if (parse(skb, &k, &p) < 0)
 		goto miss;
+	if (!mac_allowed(k.ifindex, p.smac)) {
+		count(ST_SPOOFED);
+		goto miss;
+	}
 	v = bpf_map_lookup_elem(&flows, &k);
 	if (!v)
 		goto miss;
@@ -543,6 +600,8 @@ int upcall(struct __sk_buff *skb)
 		count(ST_NOTAG);
 		return TC_ACT_SHOT;
 	}
+	if (!upcall_allowed(ifindex, 0))
+		return TC_ACT_SHOT;
 	if (bpf_skb_vlan_push(skb, bpf_htons(ETH_P_8021Q), *tag & 0x7FF) < 0) {
 		count(ST_ERROR);
 		return TC_ACT_SHOT;

@@ -69,6 +69,21 @@ struct flow_val {
 	__u8 enc_dst[16];
 };
 
+/* Per-port settings (map `ports`, key: ifindex), written by userspace at attach; tat and
+ * upcall_drops are the program's state. */
+#define PORT_CHECK_MAC (1u << 0) /* port security: frames must come from `mac` */
+
+struct port_cfg {
+	__u8 mac[6];
+	__u16 flags;
+	__u64 upcall_interval_ns;  /* upcall budget (GCRA): one upcall per interval, 0: none */
+	__u64 upcall_tolerance_ns; /* ... with this much burst tolerance */
+	__u64 tat;                 /* GCRA theoretical arrival time of misses */
+	__u64 upcall_drops;        /* misses over the budget */
+	__u64 copy_tat;            /* the same for TCP control copies, a budget of their own: */
+	__u64 copy_drops;          /* a storm of RSTs never costs a port its misses */
+};
+
 /* stats per-CPU array indexes */
 enum {
 	ST_HIT = 0,
@@ -78,7 +93,9 @@ enum {
 	ST_COPY = 4,
 	ST_ERROR = 5,
 	ST_NOTAG = 6,
-	ST_MAX = 8,
+	ST_LIMITED = 7, /* upcalls over a port's budget, dropped in the kernel */
+	ST_SPOOFED = 8, /* frames from a port with another source MAC: sent up, never hit */
+	ST_MAX = 10,
 };
 
 /* config array indexes */
