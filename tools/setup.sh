@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(tshark tcpdump iproute2 iputils-ping util-linux clang llvm libbpf-dev netsniff-ng bpftool)
+APT_PACKAGES=(tshark tcpdump iproute2 iputils-ping util-linux clang llvm libbpf-dev netsniff-ng bpftool
+              etcd-server etcd-client)  # etcd: the fleet policy store (tests start their own)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

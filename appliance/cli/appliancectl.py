@@ -40,7 +40,8 @@ EXIT_UNREACHABLE: Final = 3
 FLOWS_DEFAULT_LIMIT: Final = 100  # flows shown unless --limit/--all
 PAGE: Final = 5000  # flows asked per page
 PROMPT: Final = "appliance> "
-EVENT_KINDS: Final = ("flow_created", "flow_expired", "flow_evicted", "reload", "port", "flush")
+EVENT_KINDS: Final = ("flow_created", "flow_expired", "flow_evicted", "reload", "port", "flush",
+                      "policy")
 WATCHABLE: Final = frozenset({"status", "ports", "layers", "rules", "flows", "nic"})
 
 

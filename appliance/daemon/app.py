@@ -144,6 +144,7 @@ class Daemon:
         self.upcall_channel: trio.MemorySendChannel[list[Upcall]] | None = None
         self.policy_text = policy_text  # the YAML the running policy was parsed from
         self.probe: dict[str, bool] = {}
+        self.policy_source: Any = None  # e.g. policysource.EtcdPolicySource; None: the file
 
     # ------------------------------------------------------------------ names
 
@@ -342,6 +343,8 @@ class Daemon:
 
     async def reload(self) -> bool:
         """Re-read the policy file; a bad file is logged and the running policy stays."""
+        if self.policy_source is not None:
+            return await self.policy_source.reload(self)
         path = self.settings.policy
         try:
             text = await trio.to_thread.run_sync(_read_policy, path)
@@ -433,6 +436,8 @@ class Daemon:
                 await nursery.start(self.ager)
                 self.ipc = IpcServer(self)
                 await nursery.start(self.ipc.run)
+                if self.policy_source is not None:
+                    await nursery.start(self.policy_source.run, self)
                 if s.metrics_address:
                     self.metrics = MetricsServer(self, s.metrics_address)
                     await nursery.start(self.metrics.run)
