@@ -8,7 +8,9 @@ temporary directory, every member always stopped (context manager).
 
 Ports are picked at random in a high range and checked free, so sessions running side by side
 do not collide; members use short heartbeat/election timeouts so a lost leader is replaced
-within a second.
+within a second. ``netns=NAME`` runs the members inside a test namespace (the daemon lab's
+hypervisor: applianced there reaches them on that namespace's loopback), and the helpers
+below talk to them from inside it too.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -74,6 +77,17 @@ class Member:
 class EtcdCluster:
     tmp: Path
     members: list[Member] = field(default_factory=list)
+    netns: str | None = None
+
+    def _inside(self, fn: Callable[[], Any]) -> Any:
+        if self.netns is None:
+            return fn()
+        from nstools import in_netns
+
+        return in_netns(self.netns, fn)
+
+    def _http(self, url: str, body: dict, timeout: float) -> httpx.Response:
+        return self._inside(lambda: httpx.post(url, json=body, timeout=timeout))
 
     @property
     def initial_cluster(self) -> str:
@@ -90,8 +104,9 @@ class EtcdCluster:
             return
         m.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(m.log_path, "a")  # noqa: SIM115 - the member owns it while it runs
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []  # execs: same pid
         m.proc = subprocess.Popen(
-            [ETCD, "--name", m.name, "--data-dir", str(m.data_dir),
+            [*prefix, ETCD, "--name", m.name, "--data-dir", str(m.data_dir),
              "--listen-client-urls", m.client_url, "--advertise-client-urls", m.client_url,
              "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
              "--initial-cluster", self.initial_cluster, "--initial-cluster-state", "new",
@@ -111,8 +126,7 @@ class EtcdCluster:
             if m.proc is not None and m.proc.poll() is not None:
                 raise AssertionError(f"etcd {m.name} exited:\n{m.log_path.read_text()[-2000:]}")
             try:
-                r = httpx.post(m.client_url + "/v3/kv/range", json={"key": _b64("/")},
-                               timeout=1.0)
+                r = self._http(m.client_url + "/v3/kv/range", {"key": _b64("/")}, 1.0)
                 if r.status_code == 200:
                     return
             except httpx.HTTPError:
@@ -144,7 +158,7 @@ class EtcdCluster:
             if m.proc is None or m.proc.poll() is not None:
                 continue
             try:
-                r = httpx.post(m.client_url + path, json=body, timeout=5.0)
+                r = self._http(m.client_url + path, body, 5.0)
                 r.raise_for_status()
                 return r.json()
             except httpx.HTTPError as e:
@@ -173,8 +187,7 @@ class EtcdCluster:
             if m.proc is None or m.proc.poll() is not None:
                 continue
             with contextlib.suppress(httpx.HTTPError):
-                st = httpx.post(m.client_url + "/v3/maintenance/status", json={},
-                                timeout=2.0).json()
+                st = self._http(m.client_url + "/v3/maintenance/status", {}, 2.0).json()
                 if st.get("leader") == st.get("header", {}).get("member_id"):
                     return i
         raise AssertionError("no leader")
@@ -185,10 +198,10 @@ def _b64(data: str | bytes) -> str:
 
 
 @contextlib.contextmanager
-def etcd_cluster(tmp: Path, size: int = 1) -> Iterator[EtcdCluster]:
+def etcd_cluster(tmp: Path, size: int = 1, netns: str | None = None) -> Iterator[EtcdCluster]:
     """``size`` members on loopback, started and serving; all stopped on the way out."""
     used: set[int] = set()
-    cluster = EtcdCluster(tmp)
+    cluster = EtcdCluster(tmp, netns=netns)
     for n in range(size):
         cluster.members.append(Member(f"m{n}", free_port(used), free_port(used),
                                       tmp / f"etcd-m{n}", tmp / f"etcd-m{n}.log"))

@@ -196,7 +196,7 @@ async def test_source_starts_from_etcd_and_applies_each_put(tmp_path):
             await until(lambda: src.applied_revision == rev2)
             assert daemon.applied == [("etcd", digest_of(policy_text(26)))]
             st = src.status()
-            assert (st["revision"], st["connected"], st["cached"], st["applied"]) == (
+            assert (st["revision"], st["connected"], st["cached"], st["applied_total"]) == (
                 rev2, True, False, 2)
             assert read_cache(src.options.cache, KEY).revision == rev2
             nursery.cancel_scope.cancel()
@@ -228,7 +228,7 @@ async def test_invalid_revision_is_refused_reported_and_the_policy_stays(tmp_pat
             await until(lambda: src.rejected["errors"][0].endswith("not UTF-8 text (byte 0)"))
             good = cluster.put(KEY, policy_text(27))
             await until(lambda: src.applied_revision == good)
-            assert src.counts["rejected"] == 2
+            assert src.counts["rejected_total"] == 2
             nursery.cancel_scope.cancel()
 
 

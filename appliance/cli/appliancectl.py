@@ -431,9 +431,41 @@ def event_text(e: dict[str, Any]) -> str:
     return f"{ts} {e.get('kind')} " + " ".join(f"{k}={_fmt(v)}" for k, v in rest.items())
 
 
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def source_lines(source: dict[str, Any] | None) -> list[str]:
+    """Where the policy comes from, in a few lines (etcd: revision, watch, rejections)."""
+    if not source or source.get("kind") != "etcd":
+        return []
+    lines = [f"policy source: {source['url']} (key {source['key']}, via {source['endpoint']})",
+             f"  revision {source['revision']} applied {_when(source['applied_at'])}"
+             + ("  [running on the cached copy " + source["cache_file"] + "]"
+                if source["cached"] else "")]
+    if source["connected"]:
+        lines.append(f"  watch: connected since {_when(source['connected_since'])}")
+    else:
+        lines.append(f"  watch: DOWN ({source['last_error'] or 'connecting'})")
+    if source["key_missing"]:
+        lines.append("  key missing in etcd: the running policy stays")
+    rejected = source.get("rejected")
+    if rejected:
+        lines.append(f"  rejected revision {rejected['revision']} at {_when(rejected['at'])}:")
+        lines += [f"    {line}" for line in rejected["errors"]]
+    return lines
+
+
 def render(console: Console, command: str, result: Any) -> None:
     """Human output of one command's result."""
-    if command in ("status", "nic"):
+    if command == "status":
+        policy = result.get("policy", {})
+        source = policy.get("source")
+        rest = {**result, "policy": {k: v for k, v in policy.items()
+                                     if not (k == "source" and source_lines(source))}}
+        console.print("\n".join(source_lines(source) + _kv(rest)), highlight=False,
+                      markup=False)
+    elif command == "nic":
         console.print("\n".join(_kv(result)), highlight=False, markup=False)
     elif command == "ports":
         console.print(_table(

@@ -163,7 +163,8 @@ def _source_families(e: _Exposition, source: Any) -> None:
     e.family("appliance_policy_cached", "gauge", "1 while running on the disk copy.",
              [({}, int(st["cached"]))])
     e.family("appliance_policy_revisions_total", "counter", "etcd revisions by outcome.",
-             [({"result": "applied"}, st["applied"]), ({"result": "rejected"}, st["rejected"])])
+             [({"result": "applied"}, st["applied_total"]),
+              ({"result": "rejected"}, st["rejected_total"])])
     e.family("appliance_etcd_reconnects_total", "counter", "Watch losses and failed attempts.",
              [({}, st["reconnects"])])
     e.family("appliance_etcd_compactions_total", "counter", "Resumes refused as compacted.",

@@ -185,7 +185,7 @@ class EtcdPolicySource:
         self.last_error_at: float | None = None
         self.rejected: dict[str, Any] | None = None  # the last invalid revision
         self.failures = 0  # consecutive, for the backoff
-        self.counts = {"applied": 0, "rejected": 0, "reconnects": 0, "compactions": 0}
+        self.counts = {"applied_total": 0, "rejected_total": 0, "reconnects": 0, "compactions": 0}
         self.connected_since: float | None = None
 
     # ------------------------------------------------------------------ start
@@ -373,7 +373,7 @@ class EtcdPolicySource:
         self.applied_revision = revision
         self.applied_digest = hashlib.sha256(text.encode()).hexdigest()
         self.applied_at = time.time()
-        self.counts["applied"] += 1
+        self.counts["applied_total"] += 1
         try:
             await trio.to_thread.run_sync(write_cache, self.options.cache, self.key, revision,
                                           text)
@@ -382,7 +382,7 @@ class EtcdPolicySource:
                       error=e.strerror or str(e))
 
     def _reject(self, revision: int, errors: list[str]) -> None:
-        self.counts["rejected"] += 1
+        self.counts["rejected_total"] += 1
         self.rejected = {"revision": revision, "errors": list(errors), "at": time.time()}
         log.error("etcd_policy_rejected", key=self.key, revision=revision, errors=errors,
                   running_revision=self.applied_revision)
@@ -422,9 +422,9 @@ class EtcdPolicySource:
             log.error("reload_failed", policy=str(self.url), errors=[error])
             daemon.events.publish("reload", ok=False, errors=[error])
             return False
-        before = self.counts["rejected"]
+        before = self.counts["rejected_total"]
         await self._consider(daemon, result.kv, revision=result.revision)
-        if self.counts["rejected"] != before and self.rejected is not None:
+        if self.counts["rejected_total"] != before and self.rejected is not None:
             daemon.events.publish("reload", ok=False, errors=self.rejected["errors"])
             return False
         return True
