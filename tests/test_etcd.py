@@ -350,3 +350,36 @@ async def test_three_members_losing_the_one_in_use(tmp_path):
             rev = cluster.put(KEY, policy_text(50), member=rest[0])
             await until(lambda: src.applied_revision == rev)
             nursery.cancel_scope.cancel()
+
+
+@requires_etcd
+def test_policy_push_validates_then_publishes(tmp_path, capsys):
+    from appliance.cli.appliancectl import main
+
+    with etcd_cluster(tmp_path) as cluster:
+        url = cluster.url(KEY)
+        good = tmp_path / "good.yaml"
+        good.write_text(policy_text(60))
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(INVALID)
+        assert main(["policy", "push", str(bad), "--to", url]) == 1
+        err = capsys.readouterr().err
+        assert "bad.yaml is invalid; nothing was published" in err
+        assert f"{bad}: layers[0].outbound[0].action: 'dney' is not an action" in err
+        assert cluster.revision() == 1  # nothing written
+        assert main(["policy", "push", str(good), "--to", url]) == 0
+        out = capsys.readouterr().out
+        rev = cluster.revision()
+        assert f"to {url} at revision {rev}" in out
+        got = trio.run(_get, cluster.members[0].client_url)
+        assert got.kv.value == good.read_bytes()
+        # compare-and-swap: refused when someone published meanwhile
+        assert main(["policy", "push", str(good), "--to", url, "--if-revision",
+                     str(rev - 1)]) == 1
+        assert "no longer at revision" in capsys.readouterr().err
+        assert main(["policy", "push", str(good), "--to", url, "--if-revision", str(rev)]) == 0
+
+
+async def _get(endpoint: str):
+    async with EtcdClient([endpoint]) as client:
+        return await client.get(KEY)

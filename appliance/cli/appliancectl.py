@@ -8,6 +8,7 @@
         --action deny [--save]
     appliancectl events [--kind flow_created]
     appliancectl replay POLICY CAPTURE [...]                    # = appliance-trace
+    appliancectl policy push FILE [--to etcd://HOST:PORT/KEY]   # validate, then publish
     appliancectl                                                # interactive shell
 
 Human tables by default, ``-j/--json`` for scripts, ``--watch [SECONDS]`` to redraw.
@@ -167,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("name")
     ld.add_argument("--detach", action="store_true", help="also remove it from ports")
     _edit_flags(ld)
+    pol = sub.add_parser("policy", help="publish a policy file to etcd (validated first)")
+    psub = pol.add_subparsers(dest="action_cmd", metavar="push", required=True,
+                              parser_class=_Parser)
+    push = psub.add_parser("push", help="validate FILE, then put it at the etcd key")
+    push.add_argument("file", type=Path)
+    push.add_argument("--to", metavar="URL", help="etcd://HOST:PORT[,...]/KEY (default: the "
+                      "settings' policy, else the one the running daemon follows)")
+    push.add_argument("--config", type=Path, help="settings file for the URL and [etcd] "
+                      "TLS/auth (default /etc/appliance/appliance.toml if it exists)")
+    push.add_argument("--if-revision", type=int, metavar="N", help="publish only if the key "
+                      "is still at revision N (0: only if it does not exist)")
     rp = sub.add_parser("replay", help="offline: appliance-trace POLICY CAPTURE [...]",
                         add_help=False)
     rp.add_argument("rest", nargs=argparse.REMAINDER)
@@ -545,6 +557,88 @@ def offline_trace(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _push_target(args: argparse.Namespace) -> tuple[str, Any]:
+    """(etcd URL, [etcd] settings) for ``policy push``: --to, the settings, the daemon."""
+    from appliance.daemon.settings import DEFAULT_SETTINGS, load_settings
+    from appliance.etcd import is_etcd_url
+
+    path = args.config or (DEFAULT_SETTINGS if DEFAULT_SETTINGS.exists() else None)
+    settings = load_settings(path)
+    if args.to:
+        return args.to, settings.etcd
+    if isinstance(settings.policy, str) and is_etcd_url(settings.policy):
+        return settings.policy, settings.etcd
+    try:
+        with Client(args.socket, timeout=args.timeout) as client:
+            source = client.call("status")["policy"].get("source", {})
+    except (ConnectionFailed, IpcError) as e:
+        raise UsageError(f"policy push: no --to and the daemon cannot say where ({e})") \
+            from None
+    if source.get("kind") != "etcd":
+        raise UsageError("policy push: the daemon's policy is a file; give --to etcd://...")
+    return source["url"], settings.etcd
+
+
+def policy_push(args: argparse.Namespace) -> int:
+    """Validate a policy file exactly as the daemons will, then put it at the etcd key."""
+    import trio
+
+    from appliance.daemon.settings import EtcdSettings
+    from appliance.etcd import EtcdClient, EtcdError, parse_etcd_url
+    from appliance.policy import ConfigError, load_policy
+
+    try:
+        policy = load_policy(args.file)
+    except ConfigError as e:
+        _error(f"{args.file} is invalid; nothing was published")
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        url_text, etcd = _push_target(args)
+        url = parse_etcd_url(url_text)
+    except ValueError as e:
+        raise UsageError(f"policy push: {e}") from None
+    except ConfigError as e:
+        _error(f"policy push: settings: {e}")
+        return EXIT_FAILED
+    etcd = etcd or EtcdSettings()
+    password = None
+    if etcd.password_file is not None:
+        lines = etcd.password_file.read_text().splitlines()
+        password = lines[0] if lines else ""
+    data = args.file.read_bytes()
+
+    async def put() -> int | None:
+        async with EtcdClient(url.endpoints, tls=etcd.tls(), user=etcd.user,
+                              password=password) as client:
+            last: EtcdError | None = None
+            for _ in url.endpoints:  # first endpoint that answers
+                try:
+                    if args.if_revision is not None:
+                        return await client.put_if(url.key, data, args.if_revision)
+                    return await client.put(url.key, data)
+                except EtcdError as e:
+                    last = e
+                    client.rotate()
+            assert last is not None
+            raise last
+
+    try:
+        revision = trio.run(put)
+    except EtcdError as e:
+        _error(f"policy push: {e}")
+        return EXIT_FAILED
+    if revision is None:
+        _error(f"policy push: {url.key} is no longer at revision {args.if_revision}; "
+               "nothing was published")
+        return EXIT_FAILED
+    rules = sum(len(layer.outbound) + len(layer.inbound) for layer in policy.layers.values())
+    print(f"published {args.file} ({len(policy.ports)} ports, {len(policy.layers)} layers, "
+          f"{rules} rules, sha256 {policy.digest[:12]}) to {url} at revision {revision}")
+    return EXIT_OK
+
+
 def follow_events(args: argparse.Namespace, console: Console) -> int:
     params = {"kinds": args.kind} if args.kind else {}
     n = 0
@@ -571,6 +665,8 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
     if args.command == "help":
         print_help(console)
         return EXIT_OK
+    if args.command == "policy":
+        return policy_push(args)
     if args.watch is not None and args.command not in WATCHABLE:
         raise UsageError(f"--watch works with {', '.join(sorted(WATCHABLE))}")
     try:
