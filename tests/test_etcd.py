@@ -383,3 +383,23 @@ def test_policy_push_validates_then_publishes(tmp_path, capsys):
 async def _get(endpoint: str):
     async with EtcdClient([endpoint]) as client:
         return await client.get(KEY)
+
+
+def test_metrics_and_status_text_show_the_source(tmp_path):
+    from appliance.cli.appliancectl import source_lines
+    from appliance.daemon.metrics import _Exposition, _source_families
+
+    src = source_for("etcd://127.0.0.1:1/appliance/policy", tmp_path)
+    src.applied_revision, src.applied_at, src.cached = 42, 1.0, True
+    src.rejected = {"revision": 43, "errors": ["etcd /appliance/policy@43: x: bad"], "at": 2.0}
+    e = _Exposition()
+    _source_families(e, src)
+    text = e.text()
+    assert "appliance_policy_revision 42" in text
+    assert "appliance_policy_cached 1" in text and "appliance_policy_watch_connected 0" in text
+    assert 'appliance_policy_source_info{kind="etcd",url="etcd://127.0.0.1:1/appliance/policy"' \
+        in text
+    lines = source_lines(src.status())
+    assert any("revision 42 applied" in line and "cached copy" in line for line in lines)
+    assert "  watch: DOWN (connecting)" in lines
+    assert lines[-1] == "    etcd /appliance/policy@43: x: bad"
