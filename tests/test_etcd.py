@@ -200,6 +200,15 @@ async def test_source_starts_from_etcd_and_applies_each_put(tmp_path):
                 rev2, True, False, 2)
             assert read_cache(src.options.cache, KEY).revision == rev2
             nursery.cancel_scope.cancel()
+        # SIGHUP / IPC reload hold the policy lock and read the key now
+        rev3 = cluster.put(KEY, policy_text(28))
+        async with daemon.policy_lock:
+            assert await src.reload(daemon) is True
+        assert src.applied_revision == rev3 and len(daemon.applied) == 2
+        cluster.put(KEY, INVALID)
+        async with daemon.policy_lock:
+            assert await src.reload(daemon) is False
+        assert src.applied_revision == rev3
 
 
 @requires_etcd

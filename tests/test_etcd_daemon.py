@@ -156,6 +156,8 @@ def test_puts_are_applied_live_invalid_ones_refused_and_outages_change_nothing(t
                 s2, _ = accept(lst_a)
                 with c2, s2:
                     echo_round_trip(c2, s2)
+                d.signal(signal.SIGHUP)  # re-reads the key (nothing new: nothing changes)
+                assert d.wait_event("etcd_reread")["running_revision"] == again
                 assert still_going(rounds)
             for sock in (ca, sa, lst_a):
                 sock.close()

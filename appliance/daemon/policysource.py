@@ -337,8 +337,9 @@ class EtcdPolicySource:
                  from_revision=(self.seen or 0) + 1)
 
     async def _consider(self, daemon: Any, kv: KeyValue | None, *,
-                        revision: int | None = None) -> None:
-        """A value seen in etcd: apply it if new and valid; report it if invalid."""
+                        revision: int | None = None, locked: bool = False) -> None:
+        """A value seen in etcd: apply it if new and valid; report it if invalid.
+        ``locked``: the caller holds ``daemon.policy_lock`` already (SIGHUP, IPC reload)."""
         if kv is None:
             if not self.key_missing:
                 log.warning("etcd_key_missing", key=self.key, revision=revision,
@@ -360,8 +361,11 @@ class EtcdPolicySource:
             daemon.events.publish("policy", ok=False, source=str(self.url),
                                   revision=kv.mod_revision, errors=e.errors)
             return
-        async with daemon.policy_lock:
+        if locked:
             await daemon.apply_policy(policy, reason="etcd", text=text)
+        else:
+            async with daemon.policy_lock:
+                await daemon.apply_policy(policy, reason="etcd", text=text)
         await self._applied(kv.mod_revision, text)
         self.cached = False
         log.info("etcd_policy_applied", key=self.key, revision=kv.mod_revision,
@@ -412,7 +416,8 @@ class EtcdPolicySource:
     # --------------------------------------------------------------- operators
 
     async def reload(self, daemon: Any) -> bool:
-        """SIGHUP / ``reload``: read the key now and apply it if it is new."""
+        """SIGHUP / ``reload`` (the caller holds the policy lock): read the key now and apply
+        it if it is new."""
         try:
             with trio.fail_after(self.options.request_timeout):
                 result = await self.client.get(self.key)
@@ -423,7 +428,9 @@ class EtcdPolicySource:
             daemon.events.publish("reload", ok=False, errors=[error])
             return False
         before = self.counts["rejected_total"]
-        await self._consider(daemon, result.kv, revision=result.revision)
+        await self._consider(daemon, result.kv, revision=result.revision, locked=True)
+        log.info("etcd_reread", key=self.key, revision=result.revision,
+                 running_revision=self.applied_revision)
         if self.counts["rejected_total"] != before and self.rejected is not None:
             daemon.events.publish("reload", ok=False, errors=self.rejected["errors"])
             return False
