@@ -412,3 +412,14 @@ def test_metrics_and_status_text_show_the_source(tmp_path):
     assert any("revision 42 applied" in line and "cached copy" in line for line in lines)
     assert "  watch: DOWN (connecting)" in lines
     assert lines[-1] == "    etcd /appliance/policy@43: x: bad"
+
+
+@requires_etcd
+async def test_start_tries_every_endpoint_before_the_disk_copy(tmp_path):
+    with etcd_cluster(tmp_path) as cluster, trio.fail_after(T):
+        rev = cluster.put(KEY, policy_text(70))
+        write_cache(tmp_path / "cache" / "etcd-policy.json", KEY, 1, policy_text(71))
+        live = f"127.0.0.1:{cluster.members[0].client_port}"
+        src = source_for(f"etcd://127.0.0.1:1,{live}{KEY}", tmp_path)  # first one is dead
+        _, text = await src.initial()
+        assert (text, src.cached, src.applied_revision) == (policy_text(70), False, rev)

@@ -199,9 +199,12 @@ class EtcdPolicySource:
             log.info("etcd_cache_unusable", path=str(self.options.cache), reason=str(e))
         last_wait_log = -WAIT_LOG_EVERY
         while True:
-            found, reason = await self._try_initial_read()
-            if found is not None:
-                return found
+            for _ in self.client.endpoints:  # each endpoint once before the disk copy
+                found, reason = await self._try_initial_read()
+                if found is not None:
+                    return found
+                if not reason.startswith("etcd unreachable"):
+                    break  # etcd answered: asking another member changes nothing
             if cached is not None:
                 self._start_cached(cached, reason)
                 return cached.policy, cached.text
