@@ -48,6 +48,7 @@ _DEFAULT_KEYS: Final = frozenset(spec.DefaultSpec.model_fields)
 _NAT_KEYS: Final = frozenset(spec.SnatSpec.model_fields)
 _VXLAN_KEYS: Final = frozenset(spec.VxlanSpec.model_fields)
 _METER_KEYS: Final = frozenset(spec.MeterSpec.model_fields)
+_MATCH_KEYS: Final = frozenset(FIELDS)
 def _ip_item(item: object) -> tuple[bool, tuple[int, int]]:
     """`appliance.policy._ip_item` for valid input, with one address parse instead of two:
     the interval comes from `cidr_to_interval`, and "no host bits" is the given address
@@ -132,7 +133,8 @@ def _mac_or_none(value: object) -> int | None:
 
 class _Builder:
     """One document's conversion; caches parsed match values (ports, protocols and prefixes
-    repeat across thousands of rules)."""
+    repeat across thousands of rules). Actions are never shared: each rule gets its own, as
+    the pipeline keys SNAT port state on action identity."""
 
     def __init__(self) -> None:
         self.field_cache: dict[tuple[str, Any], FieldSet] = {}
@@ -151,10 +153,10 @@ class _Builder:
             parse = _ITEM_PARSERS[name]
             cached = _call(lambda v: spec._field_set(parse, v), value)
             self.field_cache[key] = cached
-        return FieldSet(cached.pos, cached.neg)
+        return cached  # immutable, and nothing keys on a FieldSet's identity (actions: yes)
 
     def match(self, value: object) -> Match:
-        raw = _mapping(value, frozenset(FIELDS))
+        raw = _mapping(value, _MATCH_KEYS)
         fields = {name: self.field_set(name, raw[name]) for name in FIELDS if name in raw}
         if ("src_port" in fields or "dst_port" in fields) and "proto" in fields:
             proto = fields["proto"]
