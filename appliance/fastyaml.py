@@ -13,7 +13,7 @@ takes only documents on which they provably agree and refuses everything else:
   must equal the nodes of the result (a structural misreading by either parser shows here).
 * **Constructs** where the two differ are refused by a scan of the text: anchors and
   aliases (``&``, ``*``), tags (an unquoted ``!``), merge keys (``<<``), directives, document
-  markers (``---``, ``...``), tabs and carriage returns.
+  markers (``---``, ``...``), backslash escapes, tabs and carriage returns.
 * **Scalar types**: YAML 1.1 (PyYAML) reads ``yes``, ``010``, ``0x1f``, ``1:30``, ``~``,
   ``2001-01-01`` as bool, int, null, timestamp; rapidyaml (YAML 1.2) leaves them strings. Any
   string in the result that PyYAML's own implicit resolvers (taken from PyYAML, not copied)
@@ -48,7 +48,7 @@ _STR_TAG: Final = "tag:yaml.org,2002:str"
 _RESOLVERS: Final = {first: tuple(rx for tag, rx in resolvers if tag != _STR_TAG)
                      for first, resolvers in Resolver.yaml_implicit_resolvers.items()}
 _ANY_FIRST: Final = _RESOLVERS.get(None, ())  # resolvers PyYAML tries for every scalar
-_REFUSED_ANYWHERE: Final = ("&", "*", "\t", "\r", "<<", "\n%", "\n---", "\n...")
+_REFUSED_ANYWHERE: Final = ("&", "*", "\t", "\r", "<<", "\n%", "\n---", "\n...", "\\")
 _TAG_BEFORE: Final = frozenset(" \n[{,:?-")  # a "!" after one of these starts a tag
 
 
@@ -58,8 +58,8 @@ class _Refused(Exception):
 
 def _refused_text(text: str) -> bool:
     """Anchors/aliases, tags (a "!" not right after a quote), merge keys, directives,
-    document markers, tabs, carriage returns: constructs the two parsers may read
-    differently."""
+    document markers, escapes (YAML 1.1's set is not YAML 1.2's), tabs, carriage returns:
+    constructs the two parsers may read differently."""
     if any(s in text for s in _REFUSED_ANYWHERE) or text.startswith(("%", "---", "...")):
         return True
     at = text.find("!")
