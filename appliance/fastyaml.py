@@ -91,36 +91,44 @@ def _refuse(_: str) -> Any:
 
 class _Walk:
     """One pass over the result: libyaml's event count for it, and a refusal if any string
-    (key or value) is one PyYAML would have typed."""
+    (key or value) is one PyYAML would have typed. Iterative: documents are wide, not deep,
+    and a call per scalar was most of the cost."""
 
     def __init__(self) -> None:
         self.verdicts: dict[str, bool] = {}
 
-    def typed(self, value: str) -> bool:
+    def _check(self, value: str) -> None:
         verdict = self.verdicts.get(value)
         if verdict is None:
             verdict = self.verdicts[value] = _typed(value)
-        return verdict
+        if verdict:
+            raise _Refused
 
-    def events(self, node: Any) -> int:
+    def events(self, root: Any) -> int:
         """Scalar 1, container 2 plus its contents (a mapping's keys are scalars too)."""
-        if isinstance(node, str):
-            if self.typed(node):
-                raise _Refused
-            return 1
-        if isinstance(node, dict):
-            n = 2 + len(node)
-            for key, value in node.items():
-                if self.typed(key):
-                    raise _Refused
-                n += self.events(value)
-            return n
-        if isinstance(node, list):
-            n = 2
-            for value in node:
-                n += self.events(value)
-            return n
-        return 1
+        verdicts = self.verdicts
+        check = self._check
+        stack = [root]
+        n = 0
+        while stack:
+            node = stack.pop()
+            kind = type(node)
+            if kind is str:
+                if verdicts.get(node) is not False:
+                    check(node)
+                n += 1
+            elif kind is dict:
+                n += 2 + len(node)
+                for key in node:
+                    if verdicts.get(key) is not False:
+                        check(key)
+                stack.extend(node.values())
+            elif kind is list:
+                n += 2
+                stack.extend(node)
+            else:
+                n += 1
+        return n
 
 
 def load(text: str) -> Any | None:

@@ -35,6 +35,7 @@ from appliance.model import (
     Rule,
     Snat,
     cidr_to_interval,
+    int_to_ip,
     ip_to_int,
     is_ipv4,
     mac_to_int,
@@ -60,7 +61,8 @@ def _ip_item(item: object) -> tuple[bool, tuple[int, int]]:
         raise _Doubt
     lo, hi = cidr_to_interval(body)
     address, slash, _ = body.partition("/")
-    if slash and ip_to_int(address) != lo:  # a bare address has no host bits to check
+    # a bare address has no host bits; a prefix written canonically is its network address
+    if slash and str(int_to_ip(lo)) != address and ip_to_int(address) != lo:
         raise _Doubt
     return negated, (lo, hi)
 
@@ -138,6 +140,7 @@ class _Builder:
 
     def __init__(self) -> None:
         self.field_cache: dict[tuple[str, Any], FieldSet] = {}
+        self.l4_protos: dict[int, bool] = {}  # id of a cached proto FieldSet -> has tcp/udp
 
     def field_set(self, name: str, value: object) -> FieldSet:
         # types in the key: 1 == True == 1.0 in a dict, but only 1 is a valid port
@@ -159,8 +162,12 @@ class _Builder:
         raw = _mapping(value, _MATCH_KEYS)
         fields = {name: self.field_set(name, raw[name]) for name in FIELDS if name in raw}
         if ("src_port" in fields or "dst_port" in fields) and "proto" in fields:
-            proto = fields["proto"]
-            if not any(proto.contains(number) for number in spec.L4_PROTOS):
+            proto = fields["proto"]  # cached, so alive: its id is stable for this document
+            l4 = self.l4_protos.get(id(proto))
+            if l4 is None:
+                l4 = self.l4_protos[id(proto)] = any(proto.contains(number)
+                                                     for number in spec.L4_PROTOS)
+            if not l4:
                 raise _Doubt
         return Match(fields)
 
