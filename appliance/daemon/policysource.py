@@ -364,12 +364,15 @@ class EtcdPolicySource:
             daemon.events.publish("policy", ok=False, source=str(self.url),
                                   revision=kv.mod_revision, errors=e.errors)
             return
-        if locked:
-            await daemon.apply_policy(policy, reason="etcd", text=text)
-        else:
-            async with daemon.policy_lock:
+        # shielded: a failing health probe cancels the watch, and must not leave a policy
+        # half-applied (ports half attached) or applied without its revision recorded
+        with trio.CancelScope(shield=True):
+            if locked:
                 await daemon.apply_policy(policy, reason="etcd", text=text)
-        await self._applied(kv.mod_revision, text)
+            else:
+                async with daemon.policy_lock:
+                    await daemon.apply_policy(policy, reason="etcd", text=text)
+            await self._applied(kv.mod_revision, text)
         self.cached = False
         log.info("etcd_policy_applied", key=self.key, revision=kv.mod_revision,
                  digest=policy.digest[:12])
