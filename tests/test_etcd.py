@@ -423,3 +423,19 @@ async def test_start_tries_every_endpoint_before_the_disk_copy(tmp_path):
         src = source_for(f"etcd://127.0.0.1:1,{live}{KEY}", tmp_path)  # first one is dead
         _, text = await src.initial()
         assert (text, src.cached, src.applied_revision) == (policy_text(70), False, rev)
+
+
+@requires_etcd
+def test_applianced_check_reads_and_validates_the_key(tmp_path, capsys):
+    from appliance.cli.applianced import main
+
+    with etcd_cluster(tmp_path) as cluster:
+        url = cluster.url(KEY)
+        assert main(["--check", "--policy", url]) == 1
+        assert f"{url}: no such key" in capsys.readouterr().err
+        rev = cluster.put(KEY, policy_text())
+        assert main(["--check", "--policy", url]) == 0
+        assert f"etcd {KEY}@{rev}: ok (1 ports, 1 layers)" in capsys.readouterr().out
+        bad = cluster.put(KEY, INVALID)
+        assert main(["--check", "--policy", url]) == 1
+        assert f"etcd {KEY}@{bad}: layers[0].outbound[0].action:" in capsys.readouterr().err
