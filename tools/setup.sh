@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(tshark tcpdump iproute2 iputils-ping util-linux clang llvm libbpf-dev netsniff-ng bpftool)
+APT_PACKAGES=(tshark tcpdump iproute2 iputils-ping util-linux clang llvm libbpf-dev netsniff-ng bpftool
+              etcd-server etcd-client)  # etcd: the fleet policy store (tests start their own)
 # Packaging (tools/package.sh, tools/test-packages.sh): the interpreter the packaged venv is
 # made with, strip, lintian, rpm (rpm -qp), mmdebstrap (the throwaway Debian root), man-db.
 APT_PACKAGES+=(python3.11 binutils lintian rpm mmdebstrap man-db)

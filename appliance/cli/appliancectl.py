@@ -8,6 +8,7 @@
         --action deny [--save]
     appliancectl events [--kind flow_created]
     appliancectl replay POLICY CAPTURE [...]                    # = appliance-trace
+    appliancectl policy push FILE [--to etcd://HOST:PORT/KEY]   # validate, then publish
     appliancectl                                                # interactive shell
 
 Human tables by default, ``-j/--json`` for scripts, ``--watch [SECONDS]`` to redraw.
@@ -40,7 +41,8 @@ EXIT_UNREACHABLE: Final = 3
 FLOWS_DEFAULT_LIMIT: Final = 100  # flows shown unless --limit/--all
 PAGE: Final = 5000  # flows asked per page
 PROMPT: Final = "appliance> "
-EVENT_KINDS: Final = ("flow_created", "flow_expired", "flow_evicted", "reload", "port", "flush")
+EVENT_KINDS: Final = ("flow_created", "flow_expired", "flow_evicted", "reload", "port", "flush",
+                      "policy")
 WATCHABLE: Final = frozenset({"status", "ports", "layers", "rules", "flows", "nic"})
 
 
@@ -166,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("name")
     ld.add_argument("--detach", action="store_true", help="also remove it from ports")
     _edit_flags(ld)
+    pol = sub.add_parser("policy", help="publish a policy file to etcd (validated first)")
+    psub = pol.add_subparsers(dest="action_cmd", metavar="push", required=True,
+                              parser_class=_Parser)
+    push = psub.add_parser("push", help="validate FILE, then put it at the etcd key")
+    push.add_argument("file", type=Path)
+    push.add_argument("--to", metavar="URL", help="etcd://HOST:PORT[,...]/KEY (default: the "
+                      "settings' policy, else the one the running daemon follows)")
+    push.add_argument("--config", type=Path, help="settings file for the URL and [etcd] "
+                      "TLS/auth (default /etc/appliance/appliance.toml if it exists)")
+    push.add_argument("--if-revision", type=int, metavar="N", help="publish only if the key "
+                      "is still at revision N (0: only if it does not exist)")
     rp = sub.add_parser("replay", help="offline: appliance-trace POLICY CAPTURE [...]",
                         add_help=False)
     rp.add_argument("rest", nargs=argparse.REMAINDER)
@@ -459,9 +472,41 @@ def event_text(e: dict[str, Any]) -> str:
     return f"{ts} {e.get('kind')} " + " ".join(f"{k}={_fmt(v)}" for k, v in rest.items())
 
 
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def source_lines(source: dict[str, Any] | None) -> list[str]:
+    """Where the policy comes from, in a few lines (etcd: revision, watch, rejections)."""
+    if not source or source.get("kind") != "etcd":
+        return []
+    lines = [f"policy source: {source['url']} (key {source['key']}, via {source['endpoint']})",
+             f"  revision {source['revision']} applied {_when(source['applied_at'])}"
+             + ("  [running on the cached copy " + source["cache_file"] + "]"
+                if source["cached"] else "")]
+    if source["connected"]:
+        lines.append(f"  watch: connected since {_when(source['connected_since'])}")
+    else:
+        lines.append(f"  watch: DOWN ({source['last_error'] or 'connecting'})")
+    if source["key_missing"]:
+        lines.append("  key missing in etcd: the running policy stays")
+    rejected = source.get("rejected")
+    if rejected:
+        lines.append(f"  rejected revision {rejected['revision']} at {_when(rejected['at'])}:")
+        lines += [f"    {line}" for line in rejected["errors"]]
+    return lines
+
+
 def render(console: Console, command: str, result: Any) -> None:
     """Human output of one command's result."""
-    if command in ("status", "nic"):
+    if command == "status":
+        policy = result.get("policy", {})
+        source = policy.get("source")
+        rest = {**result, "policy": {k: v for k, v in policy.items()
+                                     if not (k == "source" and source_lines(source))}}
+        console.print("\n".join(source_lines(source) + _kv(rest)), highlight=False,
+                      markup=False)
+    elif command == "nic":
         console.print("\n".join(_kv(result)), highlight=False, markup=False)
     elif command == "ports":
         console.print(_table(
@@ -538,6 +583,88 @@ def offline_trace(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _push_target(args: argparse.Namespace) -> tuple[str, Any]:
+    """(etcd URL, [etcd] settings) for ``policy push``: --to, the settings, the daemon."""
+    from appliance.daemon.settings import DEFAULT_SETTINGS, load_settings
+    from appliance.etcd import is_etcd_url
+
+    path = args.config or (DEFAULT_SETTINGS if DEFAULT_SETTINGS.exists() else None)
+    settings = load_settings(path)
+    if args.to:
+        return args.to, settings.etcd
+    if isinstance(settings.policy, str) and is_etcd_url(settings.policy):
+        return settings.policy, settings.etcd
+    try:
+        with Client(args.socket, timeout=args.timeout) as client:
+            source = client.call("status")["policy"].get("source", {})
+    except (ConnectionFailed, IpcError) as e:
+        raise UsageError(f"policy push: no --to and the daemon cannot say where ({e})") \
+            from None
+    if source.get("kind") != "etcd":
+        raise UsageError("policy push: the daemon's policy is a file; give --to etcd://...")
+    return source["url"], settings.etcd
+
+
+def policy_push(args: argparse.Namespace) -> int:
+    """Validate a policy file exactly as the daemons will, then put it at the etcd key."""
+    import trio
+
+    from appliance.daemon.settings import EtcdSettings
+    from appliance.etcd import EtcdClient, EtcdError, parse_etcd_url
+    from appliance.policy import ConfigError, load_policy
+
+    try:
+        policy = load_policy(args.file)
+    except ConfigError as e:
+        _error(f"{args.file} is invalid; nothing was published")
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        url_text, etcd = _push_target(args)
+        url = parse_etcd_url(url_text)
+    except ValueError as e:
+        raise UsageError(f"policy push: {e}") from None
+    except ConfigError as e:
+        _error(f"policy push: settings: {e}")
+        return EXIT_FAILED
+    etcd = etcd or EtcdSettings()
+    password = None
+    if etcd.password_file is not None:
+        lines = etcd.password_file.read_text().splitlines()
+        password = lines[0] if lines else ""
+    data = args.file.read_bytes()
+
+    async def put() -> int | None:
+        async with EtcdClient(url.endpoints, tls=etcd.tls(), user=etcd.user,
+                              password=password) as client:
+            last: EtcdError | None = None
+            for _ in url.endpoints:  # first endpoint that answers
+                try:
+                    if args.if_revision is not None:
+                        return await client.put_if(url.key, data, args.if_revision)
+                    return await client.put(url.key, data)
+                except EtcdError as e:
+                    last = e
+                    client.rotate()
+            assert last is not None
+            raise last
+
+    try:
+        revision = trio.run(put)
+    except EtcdError as e:
+        _error(f"policy push: {e}")
+        return EXIT_FAILED
+    if revision is None:
+        _error(f"policy push: {url.key} is no longer at revision {args.if_revision}; "
+               "nothing was published")
+        return EXIT_FAILED
+    rules = sum(len(layer.outbound) + len(layer.inbound) for layer in policy.layers.values())
+    print(f"published {args.file} ({len(policy.ports)} ports, {len(policy.layers)} layers, "
+          f"{rules} rules, sha256 {policy.digest[:12]}) to {url} at revision {revision}")
+    return EXIT_OK
+
+
 def follow_events(args: argparse.Namespace, console: Console) -> int:
     params = {"kinds": args.kind} if args.kind else {}
     n = 0
@@ -564,6 +691,8 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
     if args.command == "help":
         print_help(console)
         return EXIT_OK
+    if args.command == "policy":
+        return policy_push(args)
     if args.watch is not None and args.command not in WATCHABLE:
         raise UsageError(f"--watch works with {', '.join(sorted(WATCHABLE))}")
     try:

@@ -161,6 +161,7 @@ class Daemon:
         self.operator_stop = False  # SIGTERM/SIGINT asked us to stop (else: a crash)
         self.faults: collections.Counter[str] = collections.Counter()  # by Fault.where
         self._fault_log = RateLimited(FAULT_LOG_INTERVAL)
+        self.policy_source: Any = None  # e.g. policysource.EtcdPolicySource; None: the file
 
     # ------------------------------------------------------------------ names
 
@@ -447,6 +448,8 @@ class Daemon:
 
     async def reload(self) -> bool:
         """Re-read the policy file; a bad file is logged and the running policy stays."""
+        if self.policy_source is not None:
+            return await self.policy_source.reload(self)
         path = self.settings.policy
         try:
             text = await trio.to_thread.run_sync(_read_policy, path)
@@ -545,6 +548,8 @@ class Daemon:
                 await nursery.start(self.ager)
                 self.ipc = IpcServer(self)
                 await nursery.start(self.ipc.run)
+                if self.policy_source is not None:
+                    await nursery.start(self.policy_source.run, self)
                 if s.metrics_address:
                     self.metrics = MetricsServer(self, s.metrics_address)
                     await nursery.start(self.metrics.run)

@@ -59,7 +59,7 @@ PAGE_DEFAULT: Final = 1000  # flows per page unless asked
 PAGE_MAX: Final = 10000  # flows per page at most (a page is ~0.4 KiB per flow)
 TRACE_SPORT: Final = 49152  # default source port of a traced packet
 EVENT_KINDS: Final = frozenset({"flow_created", "flow_expired", "flow_evicted", "reload",
-                                "port", "flush"})
+                                "port", "flush", "policy"})
 TRACE_MAC: Final = 0x02_00_00_00_00_EE  # source MAC of traced packets from the uplink
 
 
@@ -279,7 +279,11 @@ def _file_digest(path: Path) -> str | None:
 async def status(ctx: Ctx, p: NoParams) -> dict[str, Any]:
     d = ctx.daemon
     pipeline = d.pipeline
-    file_digest = await trio.to_thread.run_sync(_file_digest, Path(d.settings.policy))
+    source = d.policy_source.status() if d.policy_source is not None else None
+    if source is None:
+        file_digest = await trio.to_thread.run_sync(_file_digest, Path(d.settings.policy))
+    else:  # the "file" is the etcd key: compare with the value applied from it
+        file_digest = source["digest"]
     fq = d.upcall_queue
     trio_stats = trio.lowlevel.current_statistics()
     flows = pipeline.flows
@@ -299,6 +303,7 @@ async def status(ctx: Ctx, p: NoParams) -> dict[str, Any]:
             "layers": len(d.policy.layers),
             "reloads_ok": d.reloads_ok,
             "reloads_failed": d.reloads_failed,
+            "source": source or {"kind": "file", "path": str(d.settings.policy)},
         },
         "datapath": {
             "backend": d.settings.datapath,
@@ -763,6 +768,9 @@ async def _edit(ctx: Ctx, p: EditParams, edit: Callable[[policyedit.Doc], policy
     async with ctx.daemon.policy_lock:
         if p.if_digest is not None and p.if_digest != d.policy.digest:
             raise IpcError(FAILED, "the running policy changed (if_digest does not match)")
+        if p.save and d.policy_source is not None:
+            raise IpcError(FAILED, f"the policy comes from {d.settings.policy}: publish a "
+                                   "file there (appliancectl policy push FILE); nothing changed")
         source = str(d.settings.policy)
         try:
             new_text, policy = await trio.to_thread.run_sync(

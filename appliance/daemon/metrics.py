@@ -95,6 +95,7 @@ async def render(daemon: Any) -> str:
     e.family("appliance_reloads_total", "counter", "Policy reloads and edits by result.",
              [({"result": "ok"}, daemon.reloads_ok), ({"result": "failed"},
                                                       daemon.reloads_failed)])
+    _source_families(e, daemon.policy_source)
     for field, help_text in (("rx_packets", "Packets the port sent into the switch."),
                              ("rx_bytes", "Bytes the port sent into the switch."),
                              ("tx_packets", "Packets the switch delivered to the port."),
@@ -162,6 +163,32 @@ async def render(daemon: Any) -> str:
     e.sample(f"{name}_sum", {}, h.sum)
     e.sample(f"{name}_count", {}, h.total)
     return e.text()
+
+
+def _source_families(e: _Exposition, source: Any) -> None:
+    """Where the policy comes from (etcd: revision applied, when, watch state)."""
+    if source is None:
+        e.family("appliance_policy_source_info", "gauge", "Where the policy comes from.",
+                 [({"kind": "file"}, 1)])
+        return
+    st = source.status()
+    e.family("appliance_policy_source_info", "gauge", "Where the policy comes from.",
+             [({"kind": st["kind"], "url": st["url"], "endpoint": st["endpoint"]}, 1)])
+    e.family("appliance_policy_revision", "gauge", "etcd mod revision of the running policy.",
+             [({}, st["revision"] or 0)])
+    e.family("appliance_policy_applied_timestamp_seconds", "gauge",
+             "When the running policy was applied (Unix time).", [({}, st["applied_at"] or 0)])
+    e.family("appliance_policy_watch_connected", "gauge", "1 while the etcd watch is up.",
+             [({}, int(st["connected"]))])
+    e.family("appliance_policy_cached", "gauge", "1 while running on the disk copy.",
+             [({}, int(st["cached"]))])
+    e.family("appliance_policy_revisions_total", "counter", "etcd revisions by outcome.",
+             [({"result": "applied"}, st["applied_total"]),
+              ({"result": "rejected"}, st["rejected_total"])])
+    e.family("appliance_etcd_reconnects_total", "counter", "Watch losses and failed attempts.",
+             [({}, st["reconnects"])])
+    e.family("appliance_etcd_compactions_total", "counter", "Resumes refused as compacted.",
+             [({}, st["compactions"])])
 
 
 def _response(status: str, body: str, content_type: str = "text/plain; charset=utf-8") -> bytes:

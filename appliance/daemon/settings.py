@@ -28,6 +28,24 @@ settings file. Example (all keys, defaults shown)::
 
     [timeouts]                      # idle timeouts, seconds (see appliance/timeouts.py)
     tcp_established = 3600
+
+The policy may also come from etcd (see appliance/daemon/policysource.py)::
+
+    policy = "etcd://10.1.0.1:2379,10.1.0.2:2379,10.1.0.3:2379/appliance/policy"
+    # "etcds://..." (or a CA/cert below) speaks TLS to every endpoint
+
+    [etcd]
+    # ca = "/etc/appliance/etcd-ca.pem"          # verify etcd's certificate
+    # cert = "/etc/appliance/etcd-client.pem"    # client certificate (and its key)
+    # key = "/etc/appliance/etcd-client.key"
+    # user = "appliance"                         # etcd auth; the password is read from
+    # password_file = "/etc/appliance/etcd.pw"   # this file (first line), never the settings
+    cache = "/var/lib/appliance/etcd-policy.json"  # last-good copy for starts with etcd down
+    connect_timeout = 2.0           # seconds to connect to one endpoint
+    request_timeout = 5.0           # seconds for one read
+    health_interval = 5.0           # seconds between linearizable probes of the watched member
+    backoff_initial = 0.2           # seconds; doubles per failure, full jitter ...
+    backoff_max = 10.0              # ... up to this
 """
 
 from __future__ import annotations
@@ -35,10 +53,11 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Final, Literal, Self
+from typing import Annotated, Final, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from appliance.etcd import EtcdUrl, TlsFiles, is_etcd_url, parse_etcd_url
 from appliance.policy import ConfigError, format_path
 from appliance.timeouts import Timeouts
 
@@ -57,10 +76,41 @@ class TimeoutSettings(BaseModel):
     drop: float | None = Field(None, gt=0)
 
 
+class EtcdSettings(BaseModel):
+    """How to reach etcd when ``policy`` is an ``etcd://`` URL (ignored otherwise)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    user: str | None = None
+    password_file: Path | None = None
+    cache: Path = Path("/var/lib/appliance/etcd-policy.json")
+    connect_timeout: float = Field(2.0, gt=0)
+    request_timeout: float = Field(5.0, gt=0)
+    health_interval: float = Field(5.0, gt=0)
+    backoff_initial: float = Field(0.2, gt=0)
+    backoff_max: float = Field(10.0, gt=0)
+
+    def tls(self) -> TlsFiles | None:
+        if self.ca is None and self.cert is None:
+            return None
+        return TlsFiles(self.ca, self.cert, self.key)
+
+
+def _policy_source(value: object) -> object:
+    """A file path, or an ``etcd://`` URL kept as text (a Path would fold its ``//``)."""
+    if isinstance(value, str) and is_etcd_url(value):
+        parse_etcd_url(value)  # ValueError: the message names what is wrong
+        return value
+    return Path(value) if isinstance(value, str) else value
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    policy: Path = Path("/etc/appliance/policy.yaml")
+    policy: Annotated[Path | str, BeforeValidator(_policy_source)] = Path(
+        "/etc/appliance/policy.yaml")
     state_dir: Path = Path("/run/appliance")
     ipc_socket: Path = Path("/run/appliance/appliance.sock")
     ipc_group: str | None = None  # members may use every method (root always can)
@@ -87,6 +137,18 @@ class Settings(BaseModel):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     timeouts: TimeoutSettings = TimeoutSettings()
+    etcd: EtcdSettings = EtcdSettings()
+
+    @property
+    def policy_url(self) -> EtcdUrl | None:
+        """The etcd source, or None when the policy is a file."""
+        if isinstance(self.policy, str):
+            url = parse_etcd_url(self.policy)
+            if url.tls or self.etcd.tls() is None:
+                return url
+            return EtcdUrl(tuple(e.replace("http://", "https://", 1) for e in url.endpoints),
+                           url.key, True)
+        return None
 
     @model_validator(mode="after")
     def _metrics_on_loopback(self) -> Self:
@@ -128,5 +190,7 @@ def load_settings(path: Path | None, **overrides: object) -> Settings:
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = f"unknown key {err['loc'][-1]!r}"
+            elif err["type"] == "value_error":
+                msg = str(err["ctx"]["error"])
             lines.append(f"{source}: {where}: {msg}")
         raise ConfigError(lines) from None
