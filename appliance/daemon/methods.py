@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import ipaddress
 import os
 import time
 from collections import defaultdict
@@ -36,12 +35,8 @@ from appliance.flows import Flow
 from appliance.ipcproto import FAILED, INVALID_PARAMS, PROTOCOL_VERSION, IpcError, wire_safe
 from appliance.keyfmt import key_dict, key_text
 from appliance.model import (
-    FIELDS,
-    PROTO_NAMES,
     PROTO_NUMBERS,
     Direction,
-    FieldSet,
-    Match,
     Policy,
     cidr_to_interval,
     int_to_ip,
@@ -51,6 +46,7 @@ from appliance.model import (
     mac_to_int,
 )
 from appliance.pipeline import Result, describe_action
+from appliance.rulefmt import render_match
 
 log = structlog.get_logger(__name__)
 
@@ -120,31 +116,6 @@ def method_list() -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------ rendering
-
-def _interval_text(name: str, lo: int, hi: int) -> str:
-    if name in ("src", "dst"):
-        first, last = int_to_ip(lo), int_to_ip(hi)
-        nets = list(ipaddress.summarize_address_range(first, last))  # type: ignore[arg-type]
-        return ",".join(str(n) if n.num_addresses > 1 else str(n.network_address)
-                        for n in nets)
-    if name in ("src_mac", "dst_mac"):
-        return int_to_mac(lo) if lo == hi else f"{int_to_mac(lo)}-{int_to_mac(hi)}"
-    if name == "proto" and lo == hi:
-        return PROTO_NAMES.get(lo, str(lo))
-    return str(lo) if lo == hi else f"{lo}-{hi}"
-
-
-def _field_text(name: str, fs: FieldSet) -> str:
-    items = [_interval_text(name, lo, hi) for lo, hi in fs.pos]
-    items += ["!" + _interval_text(name, lo, hi) for lo, hi in fs.neg]
-    return items[0] if len(items) == 1 else "[" + ",".join(items) + "]"
-
-
-def render_match(match: Match) -> str:
-    """``proto=tcp dst_port=8000-8080 src=!10.0.0.0/8`` ("any" when unconstrained)."""
-    parts = [f"{n}={_field_text(n, match.fields[n])}" for n in FIELDS if n in match.fields]
-    return " ".join(parts) or "any"
-
 
 def flow_row(flow: Flow, now_ns: int) -> dict[str, Any]:
     """One flow as the ``flows`` method shows it."""
