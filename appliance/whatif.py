@@ -216,10 +216,10 @@ def _packet_kinds(old: Result, new: Result) -> set[str]:
     a = old.flow.actions if old.flow is not None else None
     b = new.flow.actions if new.flow is not None else None
     out = kinds(a, b)
-    if old.verdict != new.verdict:
+    if (old.reason in NOT_BREAKING_DROPS) != (new.reason in NOT_BREAKING_DROPS):
+        out.add("meter")  # a rate limit took (or spared) this packet
+    elif old.verdict != new.verdict:
         out.add("denied" if old.verdict == "forward" else "allowed")
-        if new.reason in NOT_BREAKING_DROPS or old.reason in NOT_BREAKING_DROPS:
-            out.add("meter")
     elif old.verdict == "drop" and old.reason != new.reason:
         out.add("reason")
     elif old.verdict == "forward" and not out:
