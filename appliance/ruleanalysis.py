@@ -17,7 +17,7 @@ is inside box S iff every field of R is inside the same field of S; two boxes me
 field meets. Two details of the packet path are honoured: a packet may lack a field (no
 ports outside TCP/UDP and in later fragments, no VLAN tag, no VNI outside a tunnel) and a
 rule that constrains such a field never matches it, so S covers R on that field only if R
-constrains it too; and a port condition only meets packets of a port-carrying protocol.
+constrains it too; and a port condition implies TCP or UDP (its box says so on ``proto``).
 Shadowing is judged against one rule at a time: a rule hidden only by the union of several
 higher rules is not reported (that question is a set cover over boxes; rarely worth it).
 
@@ -136,7 +136,10 @@ class Box:
 
 
 def box(match: Match) -> Box:
-    return Box({name: accepted(name, fs) for name, fs in match.fields.items()})
+    sets = {name: accepted(name, fs) for name, fs in match.fields.items()}
+    if PORT_FIELDS & sets.keys():  # a port condition only ever matches TCP/UDP packets
+        sets["proto"] = intersect(sets.get("proto", FULL["proto"]), PORT_PROTOS)
+    return Box(sets)
 
 
 def covers(s: Box, r: Box) -> bool:
@@ -167,18 +170,13 @@ def common(a: Box, b: Box) -> Box | None:
         if not both:
             return None
         sets[name] = both
-    if PORT_FIELDS & sets.keys():  # only TCP/UDP packets carry ports
-        protos = intersect(sets.get("proto", FULL["proto"]), PORT_PROTOS)
-        if not protos:
-            return None
-        if "proto" in sets:
-            sets["proto"] = protos
     return Box(sets)
 
 
 def box_match(b: Box) -> Match:
     """A `Match` accepting exactly the box (for display)."""
-    return Match({name: FieldSet(pos=s) for name, s in b.sets.items() if s != FULL[name]})
+    return Match({name: FieldSet(pos=s) for name, s in b.sets.items()
+                  if s != FULL[name] or name not in ALWAYS_PRESENT})  # "has the field" stays
 
 
 # ------------------------------------------------------------------------- findings
