@@ -244,6 +244,7 @@ class _Record:
     bytes: int = 0
     change: Change | None = None
     change_n: int = 0
+    judged: set[tuple] = field(default_factory=set)  # outcome pairs already judged
 
     def absorb(self, other: _Record) -> None:
         """Merge the record of a connection found to be the same as this one."""
@@ -252,6 +253,7 @@ class _Record:
                 other.first_n, other.ingress, other.port, other.direction, other.key)
         self.packets += other.packets
         self.bytes += other.bytes
+        self.judged |= other.judged
         if other.change is not None:
             if self.change is None:
                 self.change, self.change_n = other.change, other.change_n
@@ -377,8 +379,13 @@ class CaptureComparison:
             rec.change_n = n
         c.packets += 1
         c.bytes += length
-        c.kinds |= _packet_kinds(old, new)
-        c.breaks = c.breaks or packet_breaks(old, new)
+        # a connection's packets mostly repeat one pair of outcomes: judge each pair once
+        seen = (id(old.flow), id(new.flow), old.verdict, new.verdict, old.reason, new.reason,
+                old.out_port, new.out_port)
+        if old.flow is None or new.flow is None or seen not in rec.judged:
+            rec.judged.add(seen)
+            c.kinds |= _packet_kinds(old, new)
+            c.breaks = c.breaks or packet_breaks(old, new)
 
     def run(self, capture: Capture, count: int | None = None,
             tick: Any = None) -> CompareResult:
