@@ -61,8 +61,12 @@ FULL: Final = {name: ((0, (1 << FIELD_BITS[name]) - 1),) for name in FIELDS}
 
 # ---------------------------------------------------------------------- interval sets
 
-def _merge(intervals: Iterable[tuple[int, int]], lo: int, hi: int) -> Intervals:
+def _merge(intervals: tuple[tuple[int, int], ...], lo: int, hi: int) -> Intervals:
     """Sorted, disjoint, non-adjacent intervals clipped to ``[lo, hi]``."""
+    if len(intervals) == 1:  # the common case: one CIDR, one port
+        (a, b), = intervals
+        a, b = max(a, lo), min(b, hi)
+        return ((a, b),) if a <= b else ()
     out: list[list[int]] = []
     for a, b in sorted(intervals):
         a, b = max(a, lo), min(b, hi)
@@ -121,7 +125,7 @@ def accepted(name: str, fs: FieldSet) -> Intervals:
     """The values a field condition accepts, as normalized intervals of the field's space."""
     lo, hi = FULL[name][0]
     pos = _merge(fs.pos, lo, hi) if fs.pos else FULL[name]
-    return _subtract(pos, _merge(fs.neg, lo, hi))
+    return _subtract(pos, _merge(fs.neg, lo, hi)) if fs.neg else pos
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,6 +467,8 @@ def _diff_rule_set(d: RuleDiff, layer: str, direction: Direction, old: tuple[Rul
                 continue  # it was unreachable before the change too
             dead.add(j)
             d.unreachable.append(Unreachable(layer, direction, new[j], by))
+        if t in dead:
+            continue  # an unreachable rule overlaps nothing that matters
         for j in range(len(new)):
             if j == t or j in dead:
                 continue
