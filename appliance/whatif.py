@@ -459,6 +459,7 @@ class LiveDiff:
         self.shadow.flows = pipeline.flows  # NAT collisions are judged against the live table
         self.diff = policydiff.diff(pipeline.policy, new)
         self.seen: set[Conn] = set()
+        self._change_of: dict[Conn, Change] = {}
         self.checked = 0
         self.skipped = 0  # unaffected by the policy diff: not re-evaluated
         self.unchanged = 0  # re-evaluated, same actions
@@ -502,13 +503,45 @@ class LiveDiff:
         change.breaks = flow_breaks(conn, d)
         change.packets = sum(f.packets for f in conn.flows())
         change.bytes = sum(f.bytes for f in conn.flows())
-        change.extra = {"path": "nic" if fwd.offloaded else "host",
-                        "tcp_state": str(conn.tcp_state),
-                        "idle": round(max(0, now_ns - conn.last_seen_ns) / 1e9, 3)}
-        self.changes.append(change)
+        change.extra = _live_extra(conn, now_ns)
+        self._record(conn, change)
+        self._displace(conn, d, now_ns)
         return change
 
+    def _record(self, conn: Conn, change: Change) -> None:
+        old = self._change_of.get(conn)
+        if old is not None:
+            self.changes.remove(old)
+        self._change_of[conn] = change
+        self.changes.append(change)
+
+    def _displace(self, conn: Conn, d: Any, now_ns: int) -> None:
+        """A new reply key may land on a drop flow left by unsolicited traffic: revalidation
+        gives that key to the connection, so the refused traffic there becomes its reply."""
+        rev = conn.reverse
+        if (d.conflict is not None or d.actions.output is None or d.rkey is None
+                or (rev is not None and d.rkey == rev.key)):
+            return
+        occupant = self.pipeline.flows.get(d.rkey)
+        if (occupant is None or occupant.conn is conn or occupant.actions.output is not None
+                or occupant.conn.reverse is not None
+                or signature(occupant.actions) == signature(d.ractions)):
+            return  # not a refused packet's memory, or still refused alike
+        victim = occupant.conn
+        self.seen.add(victim)  # its own re-evaluation no longer decides it
+        change = Change(
+            occupant.port, str(occupant.direction), occupant.key[0], occupant.key[1],
+            _live_side(occupant.actions, occupant.steps, None),
+            _live_side(d.ractions, d.rsteps, None),
+            *(responsible(occupant.steps, d.rsteps) or (NO_RULE, NO_RULE)))
+        change.kinds = {"allowed"} if d.ractions.output is not None else {"reason"}
+        change.packets, change.bytes = occupant.packets, occupant.bytes
+        change.extra = {**_live_extra(victim, now_ns),
+                        "reply_of": dict_text(key_dict(conn.forward.key[1]))}
+        self._record(victim, change)
+
     def check_all(self, conns: Iterable[Conn], now_ns: int) -> None:
+        """Judge each of ``conns`` (see `check`)."""
         for conn in conns:
             self.check(conn, now_ns)
 
@@ -527,6 +560,12 @@ class LiveDiff:
                 "changed": len(rows), "breaking": sum(c["breaks"] for c in rows),
                 "by_port": by_port(rows), "groups": groups(rows), "changes": shown,
                 "truncated": len(shown) < len(rows)}
+
+
+def _live_extra(conn: Conn, now_ns: int) -> dict[str, Any]:
+    return {"path": "nic" if conn.forward.offloaded else "host",
+            "tcp_state": str(conn.tcp_state),
+            "idle": round(max(0, now_ns - conn.last_seen_ns) / 1e9, 3)}
 
 
 def flow_breaks(conn: Conn, d: Any) -> bool:

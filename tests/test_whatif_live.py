@@ -108,6 +108,36 @@ def test_connections_made_after_the_first_pass_are_judged_by_check_unseen():
     assert {c.key[3] for c in live.breaking} == {40000, 40005}
 
 
+def test_refused_traffic_that_becomes_a_new_reply_is_reported_as_allowed():
+    """vm1's UDP flow is not translated until the change; a packet to the SNAT address was
+    refused before (a drop flow remembers it). After the change that key is the flow's
+    reply: revalidation hands it over, and the what-if says so."""
+    from test_templates import HEAD
+
+    nat = ("  - name: acl\n    stateful: true\n    default: {outbound: allow, inbound: deny}\n"
+           "    outbound: []\n    inbound: []\n  - name: nat\n    outbound:\n"
+           "      - {name: snat, priority: 10, match: {src_port: 1000-1100}, "
+           "action: {snat: {ip: 198.51.100.7}}}\n")
+    old = HEAD + nat
+    p = Pipeline(parse_policy(old), SimNic(64))
+    p.process(udp("10.0.0.1", 990, "192.0.2.1", 80), "vm1", 0)
+    refused = p.process(udp("192.0.2.1", 80, "198.51.100.7", 990, src_mac=EXT_MAC,
+                            dst_mac=0x020000000001), "up0", 1)
+    assert refused.verdict == "drop"
+    new = old.replace("src_port: 1000-1100", "src_port: 1-65535")
+    live = judge(p, new)
+    by_ingress = {c.ingress: c for c in live.changes}
+    assert set(by_ingress) == {"vm1", "up0"}
+    assert by_ingress["vm1"].breaks and "nat" in by_ingress["vm1"].kinds
+    handed = by_ingress["up0"]
+    assert handed.kinds == {"allowed"} and not handed.breaks
+    assert handed.extra["reply_of"] == "udp 10.0.0.1.990 > 192.0.2.1.80"
+    p.set_policy(parse_policy(new))
+    p.revalidate(10)
+    r = p.process(udp("192.0.2.1", 80, "198.51.100.7", 990, src_mac=EXT_MAC), "up0", 11)
+    assert (r.verdict, r.out_port) == ("forward", "vm1")
+
+
 # ------------------------------------------------------------------ property test
 
 def _after(p: Pipeline, fwd_key: tuple) -> SimpleNamespace:
