@@ -497,7 +497,10 @@ class LiveDiff:
             _live_side(fwd.actions, fwd.steps, rev.actions if rev is not None else None),
             _live_side(d.actions, d.steps, d.ractions, d.conflict),
             *(blame or (NO_RULE, NO_RULE)))
-        change.kinds = kinds(fwd.actions, d.actions) if d.conflict is None else {"denied"}
+        if d.conflict is None:
+            change.kinds = kinds(fwd.actions, d.actions)
+        else:  # NAT ports exhausted or a key collision: revalidation removes it
+            change.kinds = {"denied" if fwd.actions.output is not None else "reason"}
         if rev is not None and d.conflict is None and d.ractions is not None:
             change.kinds |= {"reply_" + k for k in kinds(rev.actions, d.ractions)}
         change.breaks = flow_breaks(conn, d)
