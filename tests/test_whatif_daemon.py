@@ -162,6 +162,10 @@ def test_apply_of_a_harmless_policy_goes_through_and_force_applies_a_breaking_on
         status = call(d, "status")["policy"]
         assert status["generation"] == gen + 1 and status["unsaved_changes"]
         assert conn.works()
+        p = ctl(d, "policy", "apply", str(harmless), "--save")
+        assert p.returncode == 0, p.stderr
+        assert d.policy_path.read_text() == harmless.read_text()
+        assert not call(d, "status")["policy"]["unsaved_changes"]
 
         breaking = tmp_path / "breaking.yaml"
         breaking.write_text(deny_ports("7410"))
