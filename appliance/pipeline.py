@@ -1405,3 +1405,15 @@ class Pipeline:
                 flow.nic_refused = result.reason
             return result.reason or "refused"
         return "offloaded" + (f" (evicted {len(result.evicted)})" if result.evicted else "")
+
+    def reevaluate(self, conn: Conn) -> _Decision:
+        """The decision this pipeline's policy gives an existing connection, reached as
+        revalidation reaches it (its key, MACs and DSCP; its translated source port
+        preferred), without changing anything: no table, datapath, template or counter is
+        touched. ``conn`` may live in another pipeline's table (policy what-if: a pipeline
+        built for a candidate policy, reading the live table, see `appliance.whatif`)."""
+        fwd = conn.forward
+        ingress, key = fwd.key
+        prefer = fwd.actions.sport if fwd.actions.sport is not None else fwd.actions.icmp_id
+        return self._evaluate(self._headers_of(fwd), ingress, key, own=conn,
+                              prefer_sport=prefer)

@@ -7,6 +7,8 @@
     appliancectl rule add acl out --name no-web --priority 5 --match proto=tcp,dst_port=80 \\
         --action deny [--save]
     appliancectl events [--kind flow_created]
+    appliancectl policy diff NEW.yaml                           # what it would do to live flows
+    appliancectl policy apply NEW.yaml [--force] [--save]       # refused if it breaks any
     appliancectl replay POLICY CAPTURE [...]                    # = appliance-trace
     appliancectl policy push FILE [--to etcd://HOST:PORT/KEY]   # validate, then publish
     appliancectl                                                # interactive shell
@@ -44,6 +46,7 @@ PROMPT: Final = "appliance> "
 EVENT_KINDS: Final = ("flow_created", "flow_expired", "flow_evicted", "reload", "port", "flush",
                       "policy")
 WATCHABLE: Final = frozenset({"status", "ports", "layers", "rules", "flows", "nic"})
+WHATIF_LIMIT: Final = 1000  # changed connections listed by policy diff/apply unless asked
 
 
 class UsageError(Exception):
@@ -168,9 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("name")
     ld.add_argument("--detach", action="store_true", help="also remove it from ports")
     _edit_flags(ld)
-    pol = sub.add_parser("policy", help="publish a policy file to etcd (validated first)")
-    psub = pol.add_subparsers(dest="action_cmd", metavar="push", required=True,
+    pol = sub.add_parser("policy", help="what a new policy would do to live connections, "
+                                        "apply it unless it breaks some, or publish it to etcd")
+    psub = pol.add_subparsers(dest="action_cmd", metavar="diff|apply|push", required=True,
                               parser_class=_Parser)
+    pd = psub.add_parser("diff", help="live connections the policy in FILE would change/break")
+    pd.add_argument("file", type=Path, help="the candidate policy (YAML)")
+    pd.add_argument("--limit", type=int, default=WHATIF_LIMIT,
+                    help=f"list at most N changed connections (default {WHATIF_LIMIT})")
+    pa = psub.add_parser("apply", help="apply the policy in FILE unless it breaks connections")
+    pa.add_argument("file", type=Path, help="the candidate policy (YAML)")
+    breaks = pa.add_mutually_exclusive_group()
+    breaks.add_argument("--if-no-breaks", dest="force", action="store_false",
+                        help="refuse if a live connection would break (the default)")
+    breaks.add_argument("--force", dest="force", action="store_true",
+                        help="apply even if live connections break")
+    pa.set_defaults(force=False)
+    pa.add_argument("--limit", type=int, default=WHATIF_LIMIT,
+                    help="list at most N changed connections")
+    _edit_flags(pa)
     push = psub.add_parser("push", help="validate FILE, then put it at the etcd key")
     push.add_argument("file", type=Path)
     push.add_argument("--to", metavar="URL", help="etcd://HOST:PORT[,...]/KEY (default: the "
@@ -336,7 +355,24 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             return "layer_replace", {"name": args.name, "layer": _layer_from_args(args),
                                      "save": args.save}
         return "layer_delete", {"name": args.name, "detach": args.detach, "save": args.save}
+    if c == "policy":
+        params = {"policy": read_policy_file(args.file), "source": str(args.file),
+                  "limit": args.limit}
+        if args.action_cmd == "diff":
+            return "policy_diff", params
+        return "policy_apply", {**params, "if_no_breaks": not args.force, "save": args.save}
     raise UsageError(f"{c}: not a daemon request")
+
+
+def read_policy_file(path: Path) -> str:
+    """The candidate policy's text: the client reads it, the daemon never opens a path a
+    client names."""
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 def trace_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -464,6 +500,30 @@ def trace_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def policy_text(action: str, r: dict[str, Any]) -> str:
+    """``policy diff`` / ``policy apply`` results: rule changes, then live connections."""
+    from appliance.ruleanalysis import diff_lines
+    from appliance.whatif import report_lines
+
+    if action == "apply":
+        rv, w = r["revalidation"], r["what_if"]
+        lines = [f"applied: generation {r['generation']}, digest {r['digest'][:12]}, "
+                 f"{'saved' if r['saved'] else 'not saved (lost on reload)'}; "
+                 f"{w['changed']} connections changed, {w['breaking']} broken; revalidated "
+                 f"{rv['checked']}: {rv['updated']} updated, {rv['replaced']} replaced"]
+    else:
+        w = r
+        lines = [f"policy diff: running generation {r['generation']} (digest "
+                 f"{r['digest'][:12]}) -> candidate {r['candidate_digest'][:12]}",
+                 "rule changes:", *diff_lines(r["rules"]),
+                 f"live connections: {w['connections']} checked, {w['reevaluated']} "
+                 f"re-evaluated, {w['changed']} would change, {w['breaking']} would break"]
+    lines += report_lines(w["changes"])
+    if w["truncated"]:
+        lines.append(f"  ... {w['changed'] - len(w['changes'])} more (--limit, --json)")
+    return "\n".join(lines)
+
+
 def event_text(e: dict[str, Any]) -> str:
     ts = time.strftime("%H:%M:%S", time.localtime(e.get("ts", time.time())))
     rest = {k: v for k, v in e.items() if k not in ("kind", "ts")}
@@ -540,6 +600,9 @@ def render(console: Console, command: str, result: Any) -> None:
                       highlight=False)
     elif command == "log-level":
         console.print(f"log level: {result['level']}")
+    elif command == "policy":
+        console.print(policy_text("apply" if result.get("applied") else "diff", result),
+                      highlight=False, markup=False)
     elif command in ("rule", "layer"):
         rv = result["revalidation"]
         console.print(f"{result['edit']}: generation {result['generation']}, "
@@ -691,7 +754,7 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
     if args.command == "help":
         print_help(console)
         return EXIT_OK
-    if args.command == "policy":
+    if args.command == "policy" and args.action_cmd == "push":
         return policy_push(args)
     if args.watch is not None and args.command not in WATCHABLE:
         raise UsageError(f"--watch works with {', '.join(sorted(WATCHABLE))}")
@@ -845,6 +908,8 @@ def complete_words(words: list[str], current: str, names: Names) -> list[str]:
         cands = ["debug", "info", "warning", "error"]
     elif cmd in ("rule", "layer") and pos == 1:
         cands = ["add", "replace", "delete"]
+    elif cmd == "policy" and pos == 1:
+        cands = ["diff", "apply", "push"]
     elif cmd == "rule" and pos == 2:
         cands = names.layers
     elif cmd == "rule" and pos == 3:

@@ -37,8 +37,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="appliance-trace",
         description="Replay a capture through the appliance pipeline with a simulated NIC.",
     )
-    p.add_argument("policy", help="policy file (YAML)")
-    p.add_argument("capture", help="pcap or pcapng file")
+    p.add_argument("policy", nargs="?", help="policy file (YAML)")
+    p.add_argument("capture", nargs="?", help="pcap or pcapng file")
+    p.add_argument("--compare", nargs=3, metavar=("OLD", "NEW", "CAPTURE"),
+                   help="what-if: replay CAPTURE under both policies, report the connections "
+                        "treated differently (exit 0 none, 1 some, 2 bad input)")
     p.add_argument("--port", help="treat every packet as coming from/for this port")
     p.add_argument("--direction", choices=["in", "out"],
                    help="force the direction: out = sent by the port, in = from the uplink")
@@ -72,6 +75,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(str(e))
     if args.nic_capacity < 0:
         p.error("--nic-capacity must be >= 0")
+    if args.compare is not None:
+        if args.policy is not None or args.write:
+            p.error("--compare OLD NEW CAPTURE takes no other policy, capture or --write")
+    elif args.policy is None or args.capture is None:
+        p.error("the following arguments are required: policy, capture (or --compare)")
     return args
 
 
@@ -264,6 +272,10 @@ def run(args: argparse.Namespace, out: IO[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compare is not None:
+        from appliance.cli import compare
+
+        return compare.main(args)
     try:
         return run(args, sys.stdout)
     except BrokenPipeError:

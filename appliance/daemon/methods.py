@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import ipaddress
 import os
 import time
 from collections import defaultdict
@@ -28,20 +27,16 @@ import structlog
 import trio
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance import __version__, policyedit
+from appliance import __version__, policyedit, ruleanalysis, whatif
 from appliance import packet as pk
 from appliance.counters import PortCounters, RuleCounters, RuleId, add_flow
 from appliance.datapath.base import unsupported_kinds
 from appliance.flows import Flow
 from appliance.ipcproto import FAILED, INVALID_PARAMS, PROTOCOL_VERSION, IpcError, wire_safe
-from appliance.keyfmt import key_dict, key_text
+from appliance.keyfmt import dict_text, key_dict, key_text
 from appliance.model import (
-    FIELDS,
-    PROTO_NAMES,
     PROTO_NUMBERS,
     Direction,
-    FieldSet,
-    Match,
     Policy,
     cidr_to_interval,
     int_to_ip,
@@ -51,6 +46,8 @@ from appliance.model import (
     mac_to_int,
 )
 from appliance.pipeline import Result, describe_action
+from appliance.policy import ConfigError, parse_policy
+from appliance.rulefmt import render_match
 
 log = structlog.get_logger(__name__)
 
@@ -120,31 +117,6 @@ def method_list() -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------ rendering
-
-def _interval_text(name: str, lo: int, hi: int) -> str:
-    if name in ("src", "dst"):
-        first, last = int_to_ip(lo), int_to_ip(hi)
-        nets = list(ipaddress.summarize_address_range(first, last))  # type: ignore[arg-type]
-        return ",".join(str(n) if n.num_addresses > 1 else str(n.network_address)
-                        for n in nets)
-    if name in ("src_mac", "dst_mac"):
-        return int_to_mac(lo) if lo == hi else f"{int_to_mac(lo)}-{int_to_mac(hi)}"
-    if name == "proto" and lo == hi:
-        return PROTO_NAMES.get(lo, str(lo))
-    return str(lo) if lo == hi else f"{lo}-{hi}"
-
-
-def _field_text(name: str, fs: FieldSet) -> str:
-    items = [_interval_text(name, lo, hi) for lo, hi in fs.pos]
-    items += ["!" + _interval_text(name, lo, hi) for lo, hi in fs.neg]
-    return items[0] if len(items) == 1 else "[" + ",".join(items) + "]"
-
-
-def render_match(match: Match) -> str:
-    """``proto=tcp dst_port=8000-8080 src=!10.0.0.0/8`` ("any" when unconstrained)."""
-    parts = [f"{n}={_field_text(n, match.fields[n])}" for n in FIELDS if n in match.fields]
-    return " ".join(parts) or "any"
-
 
 def flow_row(flow: Flow, now_ns: int) -> dict[str, Any]:
     """One flow as the ``flows`` method shows it."""
@@ -825,3 +797,129 @@ async def layer_replace(ctx: Ctx, p: LayerReplaceParams) -> dict[str, Any]:
 async def layer_delete(ctx: Ctx, p: LayerDeleteParams) -> dict[str, Any]:
     return await _edit(ctx, p, lambda doc: policyedit.layer_delete(
         doc, p.name, p.detach), "layer_delete")
+
+
+# -------------------------------------------------------------------- policy what-if
+
+WHATIF_CHUNK: Final = 500  # connections re-evaluated between yields (~30 us each)
+REFUSAL_LINES: Final = 50  # breaking connections listed in a refusal's details
+
+
+class PolicyDiffParams(Params):
+    """A candidate policy, as text (the client reads the file: the daemon reads no path a
+    client names)."""
+
+    policy: str = Field(min_length=1)
+    source: str = Field("<ipc>", max_length=4096)  # how errors name it: the client's file
+    limit: int = Field(PAGE_DEFAULT, ge=0, le=PAGE_MAX)  # changes listed at most
+
+
+class PolicyApplyParams(PolicyDiffParams):
+    if_no_breaks: bool = True  # refuse if a live connection would break (module whatif)
+    save: bool = False  # also write the policy file (atomically; the text as given)
+    if_digest: str | None = None  # refuse unless the running policy has this sha256
+
+
+async def _candidate(p: PolicyDiffParams) -> Policy:
+    try:
+        return await trio.to_thread.run_sync(parse_policy, p.policy, p.source)
+    except ConfigError as e:
+        raise IpcError(FAILED, f"{p.source}: invalid policy; nothing changed",
+                       details=e.errors) from None
+
+
+async def _judge(daemon: Any, policy: Policy) -> whatif.LiveDiff:
+    """Every live connection judged under ``policy``, in chunks (yielding in between); the
+    candidate's classifiers are compiled on a worker thread."""
+    pipeline = daemon.pipeline
+    live = await trio.to_thread.run_sync(whatif.LiveDiff, pipeline, policy)
+    await daemon.sync_counters_async()  # so the changes carry current packet counts
+    conns = list(pipeline.flows.conns())
+    now = time.monotonic_ns()
+    for i in range(0, len(conns), WHATIF_CHUNK):
+        live.check_all(conns[i:i + WHATIF_CHUNK], now)
+        await trio.sleep(0)
+    return live
+
+
+def _change_line(c: dict[str, Any]) -> str:
+    after = c["after"]
+    verdict = "forward" if after["verdict"] == "forward" else f"drop ({after['reason']})"
+    return (f"{c['port'] or c['ingress']} {c['direction']} {dict_text(c['flow'])}: "
+            f"{', '.join(c['kinds'])} -> {verdict} [{c['rule_before']} -> {c['rule_after']}]")
+
+
+@method("policy_diff", PolicyDiffParams)
+async def policy_diff(ctx: Ctx, p: PolicyDiffParams) -> dict[str, Any]:
+    """Which live connections (software and offloaded) a candidate policy would change or
+    break, and the rule-level diff; changes nothing."""
+    d = ctx.daemon
+    policy = await _candidate(p)
+    async with d.policy_lock:  # judged against one generation
+        live = await _judge(d, policy)
+        rules = await trio.to_thread.run_sync(ruleanalysis.diff_rules, d.policy, policy)
+        result = live.result(p.limit)
+        generation, digest = d.pipeline.generation, d.policy.digest
+    log.info("policy_diff", candidate=p.source, connections=result["connections"],
+             changed=result["changed"], breaking=result["breaking"])
+    return {"generation": generation, "digest": digest, "candidate_digest": policy.digest,
+            **result, "rules": rules.as_dict()}
+
+
+@method("policy_apply", PolicyApplyParams, read_only=False)
+async def policy_apply(ctx: Ctx, p: PolicyApplyParams) -> dict[str, Any]:
+    """Swap in a candidate policy like a reload, unless (``if_no_breaks``) it would break a
+    live connection. Connections made while the check runs are judged too, in one pass
+    with no yield before the swap, so nothing slips between the check and the swap."""
+    d = ctx.daemon
+    policy = await _candidate(p)
+    async with d.policy_lock:
+        if p.if_digest is not None and p.if_digest != d.policy.digest:
+            raise IpcError(FAILED, "the running policy changed (if_digest does not match)")
+        live = await _judge(d, policy)
+        _refuse_breaks(live, p)
+        source = Path(d.settings.policy)
+        previous = None
+        if p.save:
+            previous = await trio.to_thread.run_sync(_read_or_none, source)
+            try:
+                await trio.to_thread.run_sync(write_atomic, source, p.policy)
+            except OSError as e:
+                raise IpcError(FAILED, f"cannot save {source}: {e.strerror or e}; "
+                                       "nothing changed") from None
+        live.check_unseen(time.monotonic_ns())  # no checkpoint from here to the swap
+        try:
+            _refuse_breaks(live, p)
+        except IpcError:
+            if previous is not None:
+                await trio.to_thread.run_sync(write_atomic, source, previous)
+            raise
+        stats = await d.apply_policy(policy, reason="ipc_apply", text=p.policy)
+        result = live.result(p.limit)
+    log.info("policy_applied", candidate=p.source, saved=p.save, changed=result["changed"],
+             breaking=result["breaking"], forced=not p.if_no_breaks)
+    return {"applied": True, "saved": p.save, "generation": d.pipeline.generation,
+            "digest": policy.digest, "what_if": result,
+            "revalidation": {k: getattr(stats, k) for k in ("checked", "unchanged", "updated",
+                                                            "replaced")}}
+
+
+def _read_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _refuse_breaks(live: whatif.LiveDiff, p: PolicyApplyParams) -> None:
+    breaking = live.breaking
+    if not p.if_no_breaks or not breaking:
+        return
+    rows = [c.as_dict() for c in sorted(breaking, key=whatif.Change.sort_key)]
+    details = [_change_line(c) for c in rows[:REFUSAL_LINES]]
+    if len(rows) > REFUSAL_LINES:
+        details.append(f"... and {len(rows) - REFUSAL_LINES} more (policy_diff lists them)")
+    log.warning("policy_apply_refused", candidate=p.source, breaking=len(rows))
+    raise IpcError(FAILED, f"refused: the policy would break {len(rows)} live connection"
+                           f"{'s' if len(rows) != 1 else ''}; nothing changed (force to apply "
+                           "anyway)", details=details)
