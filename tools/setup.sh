@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(tshark tcpdump iproute2 iputils-ping util-linux clang llvm libbpf-dev netsniff-ng bpftool)
+# tools/bench/conn_rate.py: nginx serves, wrk connects, nft is the comparison firewall
+APT_PACKAGES+=(nginx-light wrk nftables)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
