@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -58,14 +59,14 @@ ROOT: Final = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from daemon_lab import EXT_MAC, Daemon, Lab, lab  # noqa: E402
-from nstools import Netns  # noqa: E402
+from nstools import Netns, cmd  # noqa: E402
 
 from appliance.ipcproto import Client  # noqa: E402
 
 THREADS: Final = 2  # wrk threads
 CONNECTIONS: Final = 50  # wrk connections kept busy
 SECONDS: Final = 10.0  # wrk run per variant and round
-QUICK_SECONDS: Final = 3.0
+QUICK_SECONDS: Final = 2.0
 ROUNDS: Final = 3
 BODY_BYTES: Final = 128  # the small file nginx serves
 PROBE_TIMEOUT: Final = 5.0  # seconds for the reachability check before each run
@@ -74,6 +75,7 @@ SETTLE: Final = 0.5  # seconds between variants (sockets in the namespaces close
 GATEWAY: Final = "10.0.0.254"  # the VMs' default gateway (the switch, or hv for nftables)
 OVERLAY_ROUTE: Final = "10.0.0.1/32"  # ext's route to vm1 through VXLAN (daemon_lab)
 NFT_TABLE: Final = "apl_bench"
+UPCALL_DEVICE: Final = "apl-upcall"  # the daemon's upcall TAP (settings default)
 SWEEP: Final = 1.0  # daemon sweep interval, s (the default)
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 
@@ -297,9 +299,13 @@ def with_daemon(the_lab: Lab, name: str) -> Iterator[Callable[[], dict]]:
     def snapshot() -> dict:
         with Client(sock) as c:
             k = c.call("nic")["kernel"]
-            created = c.call("status")["flows"]["created"]
+            st = c.call("status")
+        tap = json.loads(cmd("ip", "-n", the_lab.hv.name, "-s", "-j", "link", "show",
+                             UPCALL_DEVICE))[0]["stats64"]["tx"]
         return {"upcalls": k["upcall"], "copies": k["copy"], "misses": k["miss"],
-                "tap": d.upcalls(), "created": created, "cpu": cpu_seconds(pid)}
+                "tap": tap["packets"], "tap_dropped": tap["dropped"],
+                "budget_drops": st["upcalls"]["drops"], "created": st["flows"]["created"],
+                "cpu": cpu_seconds(pid)}
 
     try:
         yield snapshot
@@ -350,7 +356,7 @@ def measure(the_lab: Lab, mode: Mode, variant: str, seconds: float, name: str) -
         delta = {k: after[k] - before[k] for k in before}
         run.upcalls, run.copies, run.tap = delta["upcalls"], delta["copies"], delta["tap"]
         run.created, run.cpu = delta["created"], delta["cpu"]
-        run.extra = {"misses": delta["misses"]}
+        run.extra = {k: delta[k] for k in ("misses", "tap_dropped", "budget_drops")}
     return run
 
 
@@ -397,12 +403,14 @@ def report(runs: list[Run], variants: list[str]) -> None:
               f"[{' '.join(format(v, fmt) for v in vals)}]")
     total = sum(r.conns for r in ds)
     print(f"  (over {total:,} connections: {sum(r.upcalls for r in ds):,} upcalls, "
-          f"{sum(r.copies for r in ds):,} copies, {sum(r.created for r in ds):,} set up)")
+          f"{sum(r.copies for r in ds):,} copies, {sum(r.created for r in ds):,} set up; "
+          f"dropped: {sum(r.extra['tap_dropped'] for r in ds):,} on the upcall TAP, "
+          f"{sum(r.extra['budget_drops'] for r in ds):,} by the upcall budget)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 round of 3 s per variant")
+    p.add_argument("--quick", action="store_true", help="1 round of 2 s per variant")
     p.add_argument("--mode", choices=sorted(MODES), default="snat")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--seconds", type=float, default=None, help="wrk duration per run")

@@ -58,7 +58,7 @@ DPORT: Final = 9999
 SPORT_LO, SPORT_HI = 1024, 65535  # one destination per 64,512 source ports
 START_NS: Final = 1_700_000_000 * 10**9
 STEP_NS: Final = 1_000  # packet time between connections (1M connections in 1 s)
-TOP_SITES: Final = 8
+TOP_SITES: Final = 12
 PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 
 
