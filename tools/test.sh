@@ -14,4 +14,5 @@ fi
 [ "$rc" -eq 0 ] || exit "$rc"
 .venv/bin/ruff check appliance tests tools || exit 1
 .venv/bin/python tools/bench/classifier.py --quick >/dev/null || { echo "test: classifier bench smoke run failed" >&2; exit 1; }
+.venv/bin/python tools/bench/conn_rate.py --quick >/dev/null || { echo "test: conn_rate bench smoke run failed" >&2; exit 1; }
 echo "test: ok"
