@@ -156,6 +156,8 @@ class Run:
     tap: int = 0  # upcall TAP tx packets (the kernel's netdev counter)
     created: int = 0  # connections (flow pairs) the daemon set up
     cpu: float = 0.0  # daemon CPU seconds
+    idle: float = 0.0  # share of all CPUs idle during the run (other sessions' noise)
+    load: float = 0.0  # 1-minute load average at the end of the run
     extra: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -241,6 +243,16 @@ def wrk(ns: Netns, url: str, seconds: float) -> tuple[int, float, int]:
     if non2xx := WRK_NON2XX.search(out):
         errors += int(non2xx.group(1))
     return int(m.group(1)), float(m.group(2)) * UNIT[m.group(3)], errors
+
+
+def cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs, from /proc/stat."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return v[3] + v[4], sum(v[:8])
+
+
+def load1() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -348,10 +360,13 @@ def measure(the_lab: Lab, mode: Mode, variant: str, seconds: float, name: str) -
         if not http_get(client, url):
             raise RuntimeError(f"{variant}: {url} is not reachable from {mode.client}")
         before = snapshot()
+        idle0, total0 = cpu_times()
         conns, took, errors = wrk(client, url, seconds)
+        idle1, total1 = cpu_times()
         after = snapshot()
     time.sleep(SETTLE)
-    run = Run(variant, conns, took, errors)
+    run = Run(variant, conns, took, errors,
+              idle=(idle1 - idle0) / max(1, total1 - total0), load=load1())
     if before:
         delta = {k: after[k] - before[k] for k in before}
         run.upcalls, run.copies, run.tap = delta["upcalls"], delta["copies"], delta["tap"]
@@ -446,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                     r = measure(the_lab, mode, v, seconds, f"d{rnd}")
                     runs.append(r)
                     print(f"round {rnd + 1} {v:11} {r.rate:>9,.0f} conns/s "
-                          f"({r.conns:,} in {r.seconds:.2f} s, {r.errors} errors)", flush=True)
+                          f"({r.conns:,} in {r.seconds:.2f} s, {r.errors} errors; CPUs idle "
+                          f"{r.idle:.0%}, load {r.load:.1f})", flush=True)
     report(runs, variants)
     return 0
 
