@@ -9,6 +9,8 @@ APT_PACKAGES=(tshark tcpdump iproute2 iputils-ping util-linux clang llvm libbpf-
 # Packaging (tools/package.sh, tools/test-packages.sh): the interpreter the packaged venv is
 # made with, strip, lintian, rpm (rpm -qp), mmdebstrap (the throwaway Debian root), man-db.
 APT_PACKAGES+=(python3.11 binutils lintian rpm mmdebstrap man-db)
+# tools/bench/conn_rate.py: nginx serves, wrk connects, nft is the comparison firewall
+APT_PACKAGES+=(nginx-light wrk nftables)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -14,6 +14,7 @@ fi
 [ "$rc" -eq 0 ] || exit "$rc"
 .venv/bin/ruff check appliance tests tools || exit 1
 .venv/bin/python tools/bench/classifier.py --quick >/dev/null || { echo "test: classifier bench smoke run failed" >&2; exit 1; }
+.venv/bin/python tools/bench/conn_rate.py --quick >/dev/null || { echo "test: conn_rate bench smoke run failed" >&2; exit 1; }
 # The packages: built, linted, installed in a throwaway Debian root, upgraded, purged (~4-6 min).
 if [ "$(id -u)" -eq 0 ]; then
     tools/test-packages.sh || { echo "test: packaging acceptance failed" >&2; exit 1; }
