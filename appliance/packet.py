@@ -952,6 +952,14 @@ def vxlan_encap(
     return _eth_header(dst_mac, src_mac, et) + ip + udp + payload
 
 
+def vxlan_fits(frame_len: int, outer_v4: bool) -> bool:
+    """Can a frame of ``frame_len`` bytes be carried in VXLAN at all? The outer IPv4 total
+    length (or IPv6 payload length) is 16 bits; a bigger frame (a GSO super-packet, a
+    hostile jumbo) is dropped, never wrapped into a corrupt header."""
+    overhead = 20 + 8 + VXLAN_HLEN if outer_v4 else 8 + VXLAN_HLEN
+    return frame_len + overhead <= 0xFFFF
+
+
 def vxlan_source_port(h: Headers) -> int:
     """RFC 7348 entropy source port (49152..65535) from a stable hash of the inner flow.
 

@@ -284,6 +284,11 @@ def _check_delivery(w: _Walk, dest: _PortCtx) -> None:
         w.drop_reason = guard.VLAN_NOT_ALLOWED
 
 
+def _link_local(h: pk.Headers) -> bool:
+    """A packet of link-local scope (either address): never forwarded, whatever it is in."""
+    return h.dst is not None and (_link_local_scope(h.dst) or _link_local_source(h.src))
+
+
 def _link_local_source(src: int | None) -> bool:
     """fe80::/10: valid on the link only; no router forwards a packet from it (RFC 4291)."""
     return src is not None and src >> 118 == 0xFE80 >> 6
@@ -801,8 +806,7 @@ class Pipeline:
         sending port may not claim (port security, VLAN)."""
         problem = _address_problem(h)
         if problem is None:
-            t = h.inner if h.inner is not None else h
-            if t.dst is not None and (_link_local_scope(t.dst) or _link_local_source(t.src)):
+            if _link_local(h) or (h.inner is not None and _link_local(h.inner)):
                 return "link_local"
             ctx = self._ports.get(ingress)
             if ctx is not None:
@@ -847,6 +851,10 @@ class Pipeline:
                 return self._drop(ingress, path, "meter", port=flow.port,
                                   direction=flow.direction, flow=flow, key=flow.key[1],
                                   steps=steps, offload=offload, note=note)
+        if a.encap is not None and not pk.vxlan_fits(length, is_ipv4(a.encap.local)):
+            return self._drop(ingress, path, "encap_too_big", port=flow.port,
+                              direction=flow.direction, flow=flow, key=flow.key[1],
+                              steps=steps, offload=offload, note=note)
         out = self._execute(a, frame, h) if a.touches_frame else frame
         self.counters.paths[path] += 1
         return Result(ingress, path, "forward", None, flow.port, flow.direction, a.output, out,
@@ -892,6 +900,8 @@ class Pipeline:
         return owner.port.mac if owner is not None else self.policy.gateway_mac
 
     def _arp(self, frame: bytes, h: pk.Headers, ingress: str) -> Result:
+        if ingress != self._uplink and ingress not in self._ports:
+            return self._drop(ingress, "host", "unknown_port")
         if h.arp_op != 1 or h.arp_tpa is None:
             return self._drop(ingress, "host", "arp_not_request")
         problem = guard.target_problem(h.arp_tpa)
@@ -905,6 +915,8 @@ class Pipeline:
                       frame=pk.build_arp_reply(frame, h, mac), note="arp_reply")
 
     def _nd(self, frame: bytes, h: pk.Headers, ingress: str) -> Result:
+        if ingress != self._uplink and ingress not in self._ports:
+            return self._drop(ingress, "host", "unknown_port")
         if h.icmp_type != ND_NS or h.nd_target is None:
             return self._drop(ingress, "host", "nd_not_solicit")
         problem = (guard.target_problem(h.nd_target)
@@ -982,6 +994,8 @@ class Pipeline:
         dest = self._ports.get(a.output)
         if dest is not None:  # delivered to a VM: its own MAC, like the reply flow does
             out = _set_macs(out, None, dest.port.mac)
+        elif a.output == self._uplink:  # to the wire: the uplink's MACs, like any frame
+            out = _set_macs(out, self.policy.uplink_mac, self.policy.next_hop_mac)
         self.counters.paths["host"] += 1
         return Result(ingress, "host", "forward", None, reply.port, reply.direction, a.output,
                       out, reply, key=reply.key[1], note="related")
@@ -1173,9 +1187,9 @@ class Pipeline:
         if output == self._uplink:
             outer_src, outer_dst = self.policy.uplink_mac, self.policy.next_hop_mac
         else:
-            dest = self._ports[output]  # type: ignore[index]
-            if final.dst_mac != dest.port.mac or ingress == self._uplink:
-                changes["dst_mac"] = dest.port.mac
+            # every frame delivered to a port carries the port's MAC: later packets of the
+            # flow need not be addressed like its first one (gateway vs port MAC)
+            changes["dst_mac"] = self._ports[output].port.mac  # type: ignore[index]
         return CompiledActions(
             output, None, decap=w.decapped, encap=encap, outer_src_mac=outer_src,
             outer_dst_mac=outer_dst, meters=tuple(w.meters), counters=tuple(w.counters),
