@@ -189,13 +189,13 @@ class Daemon:
 
     def kernel_flows(self) -> list[tuple]:
         """(ingress ifindex, packet key) of every entry in the kernel flow cache."""
-        from appliance.datapath import libbpf, tc
+        from appliance.datapath import libbpf, tclayout
 
         path = f"/sys/fs/bpf/appliance/{self.lab.rid}/flows"
         fd = libbpf.check(libbpf.lib().bpf_obj_get(path.encode()), f"open {path}")
         try:
-            m = libbpf.Map(fd, tc.KEY.size, tc.VAL.size, 0, "flows")
-            return [tc.decode_key(raw) for raw, _ in m.items()]
+            m = libbpf.Map(fd, tclayout.KEY.size, tclayout.VAL.size, 0, "flows")
+            return [tclayout.decode_key(raw) for raw, _ in m.items()]
         finally:
             os.close(fd)
 

@@ -23,7 +23,7 @@ from typing import Final, TypeVar
 
 import pytest
 
-from appliance.datapath.tc import in_netns as tc_in_netns
+from appliance.datapath.tcdev import in_netns as tc_in_netns
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ import pytest
 
 from appliance import packet as pk
 from appliance.actions import CompiledActions
-from appliance.datapath import libbpf, tc
+from appliance.datapath import libbpf, tc, tclayout
 from appliance.model import ip_to_int, mac_to_int
 
 pytestmark = nstools.requires_root
@@ -48,8 +48,8 @@ def _install(d, frame: bytes) -> None:
     h = pk.parse(frame)
     assert not isinstance(h, str)
     key = pk.flow_key(h)
-    d.flows.update(tc.encode_key(tc.PROBE_IFINDEX, key),
-                   tc.encode_value(tc.PROBE_IFINDEX, CompiledActions("x"), key))
+    d.flows.update(tclayout.encode_key(tclayout.PROBE_IFINDEX, key),
+                   tclayout.encode_value(tclayout.PROBE_IFINDEX, CompiledActions("x"), key))
 
 
 def _frame(proto: int, dport: int = 80, payload: bytes = b"hello world!") -> bytes:
@@ -58,7 +58,7 @@ def _frame(proto: int, dport: int = 80, payload: bytes = b"hello world!") -> byt
 
 
 def _run(d, frame: bytes) -> int:
-    rv, _ = libbpf.test_run(d._obj.prog_fd(tc.PROG_FLOWCACHE), frame)
+    rv, _ = libbpf.test_run(d._obj.prog_fd(tclayout.PROG_FLOWCACHE), frame)
     return rv
 
 
@@ -72,7 +72,7 @@ def test_tcp_data_offset_beyond_packet_is_not_a_hit(dp) -> None:
     bad = bytearray(good)
     bad[14 + 20 + 12] = 0xF0  # data offset 60 bytes, packet has 20
     assert pk.parse(bytes(bad)) == pk.MALFORMED_TCP
-    assert _run(dp, bytes(bad)) != tc.TC_ACT_REDIRECT
+    assert _run(dp, bytes(bad)) != tclayout.TC_ACT_REDIRECT
 
 
 def test_tcp_header_in_ethernet_padding_is_not_a_hit(dp) -> None:
@@ -81,7 +81,7 @@ def test_tcp_header_in_ethernet_padding_is_not_a_hit(dp) -> None:
     bad = bytearray(good)
     _set_ip_total(bad, 20)  # IP says: no L4 header at all; the "TCP header" is trailer bytes
     assert pk.parse(bytes(bad)) == pk.MALFORMED_TCP
-    assert _run(dp, bytes(bad)) != tc.TC_ACT_REDIRECT
+    assert _run(dp, bytes(bad)) != tclayout.TC_ACT_REDIRECT
 
 
 def test_udp_length_beyond_ip_payload_is_not_a_hit(dp) -> None:
@@ -90,7 +90,7 @@ def test_udp_length_beyond_ip_payload_is_not_a_hit(dp) -> None:
     bad = bytearray(good)
     struct.pack_into("!H", bad, 14 + 20 + 4, 1400)  # UDP length far beyond the datagram
     assert pk.parse(bytes(bad)) == pk.MALFORMED_UDP
-    assert _run(dp, bytes(bad)) != tc.TC_ACT_REDIRECT
+    assert _run(dp, bytes(bad)) != tclayout.TC_ACT_REDIRECT
 
 
 def test_short_vxlan_is_not_a_plain_udp_hit(dp) -> None:
@@ -99,7 +99,7 @@ def test_short_vxlan_is_not_a_plain_udp_hit(dp) -> None:
     _install(dp, good)
     bad = _frame(pk.PROTO_UDP, dport=pk.VXLAN_PORT, payload=b"\x08\0\0")  # 3-byte "VXLAN"
     assert pk.parse(bad) == pk.MALFORMED_VXLAN
-    assert _run(dp, bad) != tc.TC_ACT_REDIRECT
+    assert _run(dp, bad) != tclayout.TC_ACT_REDIRECT
 
 
 @pytest.mark.parametrize("src,dst", [("::ffff:10.0.0.1", "::ffff:192.0.2.9"),
@@ -109,7 +109,7 @@ def test_ipv6_with_ipv4_mapped_addresses_never_hits_the_ipv4_flow(dp, src, dst) 
     # (or compatible) form of an offloaded IPv4 flow's addresses must miss, not ride it.
     good = _frame(pk.PROTO_UDP, dport=53)
     _install(dp, good)
-    assert _run(dp, good) == tc.TC_ACT_REDIRECT  # the IPv4 flow itself is a hit
+    assert _run(dp, good) == tclayout.TC_ACT_REDIRECT  # the IPv4 flow itself is a hit
     v6 = pk.build_frame(src_mac=MA, dst_mac=MB, src=ip_to_int(src), dst=ip_to_int(dst),
                         proto=pk.PROTO_UDP, sport=40000, dport=53, payload=b"hello world!")
-    assert _run(dp, v6) == tc.TC_ACT_UNSPEC
+    assert _run(dp, v6) == tclayout.TC_ACT_UNSPEC

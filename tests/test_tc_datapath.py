@@ -29,7 +29,7 @@ from nstools import Netns
 
 from appliance import packet as pk
 from appliance.actions import CompiledActions, EncapSpec
-from appliance.datapath import tc
+from appliance.datapath import tc, tcdev, tclayout, tcprobe
 from appliance.datapath.base import Datapath
 from appliance.flows import Flow
 from appliance.model import ActionKind, Direction, ip_to_int, mac_to_int
@@ -98,8 +98,8 @@ def topo() -> Iterator[Topo]:
         ext.ip("addr", "add", f"{EXT}/24", "dev", "eth0")
         ext.ip("route", "add", "198.51.100.0/24", "dev", "eth0")  # SNAT addresses, via us
         ext.ip("neigh", "add", SNAT_IP, "lladdr", mac_text(UPLINK_MAC), "dev", "eth0")
-        up_fd, up_ifindex = tc.open_upcall_tap(f"aplup-{rid}", hv.name)
-        tx_fd, _ = tc.open_upcall_tap(dev["tapx"], hv.name)
+        up_fd, up_ifindex = tcdev.open_upcall_tap(f"aplup-{rid}", hv.name)
+        tx_fd, _ = tcdev.open_upcall_tap(dev["tapx"], hv.name)
         try:
             ifindex = {name: hv.ifindex(d) for name, d in dev.items()}
             yield Topo(rid, hv, vm1, vm2, ext, dev, ifindex, up_fd, up_ifindex, tx_fd)
@@ -264,7 +264,7 @@ def test_tcp_control_copied_up_data_not(topo: Topo, dp: tc.TcDatapath) -> None:
         while time.monotonic() < deadline:
             ups += nstools.drain_fd(topo.upcall_fd)
             time.sleep(0.02)
-        tag = TAGS["p1"] | tc.TAG_COPY
+        tag = TAGS["p1"] | tclayout.TAG_COPY
         assert pk.push_vlan(syn, tag) in ups
         assert pk.push_vlan(fin, tag) in ups
         assert not any(u[16:] == data[12:] for u in ups)
@@ -531,7 +531,7 @@ def test_probe_matches_tc(topo: Topo, dp: tc.TcDatapath) -> None:
     hv.ip("link", "add", "prb0", "type", "veth", "peer", "name", "prb1")
     try:
         hv.run("tc", "qdisc", "add", "dev", "prb0", "clsact")
-        for kind, argv in tc._TC_PROBES.items():
+        for kind, argv in tcprobe._TC_PROBES.items():
             rc = hv.returncode("tc", *(a.format(dev="prb0", peer="prb1") for a in argv))
             assert (rc == 0) == table[kind], kind
     finally:

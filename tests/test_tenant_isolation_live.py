@@ -28,7 +28,7 @@ from test_daemon import accept, connect, echo_round_trip
 from appliance import guard
 from appliance import packet as pk
 from appliance.actions import CompiledActions
-from appliance.datapath import libbpf, tc
+from appliance.datapath import libbpf, tc, tclayout
 from appliance.ipcproto import Client
 from appliance.model import ip_to_int, mac_to_int
 
@@ -219,7 +219,7 @@ def dp():
 
 
 def _run(d, frame: bytes) -> int:
-    rv, _ = libbpf.test_run(d._obj.prog_fd(tc.PROG_FLOWCACHE), frame)
+    rv, _ = libbpf.test_run(d._obj.prog_fd(tclayout.PROG_FLOWCACHE), frame)
     return rv
 
 
@@ -231,19 +231,20 @@ def _echo(kind: int, ident: int) -> bytes:
 def test_kernel_echo_request_and_reply_with_one_id_are_different_flows(dp):
     request = _echo(8, 0)
     key = pk.flow_key(pk.parse(request))
-    dp.flows.update(tc.encode_key(tc.PROBE_IFINDEX, key),
-                    tc.encode_value(tc.PROBE_IFINDEX, CompiledActions("x"), key))
-    assert _run(dp, request) == tc.TC_ACT_REDIRECT
-    assert _run(dp, _echo(0, 0)) == tc.TC_ACT_UNSPEC  # a reply with id 0: not that flow
-    assert tc.decode_key(tc.encode_key(tc.PROBE_IFINDEX, key)) == (tc.PROBE_IFINDEX, key)
+    dp.flows.update(tclayout.encode_key(tclayout.PROBE_IFINDEX, key),
+                    tclayout.encode_value(tclayout.PROBE_IFINDEX, CompiledActions("x"), key))
+    assert _run(dp, request) == tclayout.TC_ACT_REDIRECT
+    assert _run(dp, _echo(0, 0)) == tclayout.TC_ACT_UNSPEC  # a reply with id 0: not that flow
+    raw = tclayout.encode_key(tclayout.PROBE_IFINDEX, key)
+    assert tclayout.decode_key(raw) == (tclayout.PROBE_IFINDEX, key)
 
 
 def test_kernel_never_keys_other_icmp_messages(dp):
     ts = pk.build_frame(src_mac=VM1, dst_mac=GW, src=ip_to_int("10.0.0.1"),
                         dst=ip_to_int("192.0.2.99"), proto=1, icmp_type=13)
     key = pk.flow_key(pk.parse(ts))
-    with pytest.raises(tc.Refused, match="icmp_type"):
-        tc.encode_key(tc.PROBE_IFINDEX, key)
+    with pytest.raises(tclayout.Refused, match="icmp_type"):
+        tclayout.encode_key(tclayout.PROBE_IFINDEX, key)
     # an echo request with id 13 (the old key of a timestamp) is not keyed as one
     echo13 = pk.flow_key(pk.parse(_echo(8, 13)))
     assert echo13 != key

@@ -226,13 +226,13 @@ class Daemon:
     # --------------------------------------------------------------- datapath
 
     async def _open_datapath(self) -> None:
-        from appliance.datapath import tc
+        from appliance.datapath import tc, tcdev
 
         s = self.settings
         # shielded: a SIGTERM arriving now must not abandon a half-made datapath (maps pinned,
         # filters on the way) that the shutdown would then not know to remove
         with trio.CancelScope(shield=True):
-            fd, ifindex = await self.netlink.call(tc.open_upcall_tap, s.upcall_device)
+            fd, ifindex = await self.netlink.call(tcdev.open_upcall_tap, s.upcall_device)
             self.upcall_fd = fd
             self.datapath = await self.netlink.call(
                 tc.TcDatapath, capacity=s.nic_capacity, adopt=s.adopt, pin_dir=str(s.pin_dir),
@@ -583,7 +583,7 @@ class Daemon:
         entries follow their forward one. Entries nobody re-created (a device gone from the
         policy, a reply whose forward vanished or changed) are deleted: no stale entries.
         """
-        from appliance.datapath.tc import FV_REVERSE
+        from appliance.datapath.tclayout import FV_REVERSE
 
         if not getattr(self.datapath, "adopted", False) or self.pipeline is None:
             return
