@@ -95,6 +95,12 @@ class Conn:
         return (self.forward,) if self.reverse is None else (self.forward, self.reverse)
 
 
+def lone_drop(flow: Flow) -> bool:
+    """A drop flow with no reply half: the memory of a refused unsolicited packet. It must
+    not block a legitimate connection whose reply would use the same key."""
+    return flow.actions.output is None and flow.conn.reverse is None
+
+
 class FlowTable:
     """Exact-match flows with paired creation, TCP state and idle expiry."""
 

@@ -54,6 +54,32 @@ def _v4_local_scope(dst: int) -> bool:
     return v4 == 0xFFFF_FFFF or v4 >> 8 == 0xE00000
 
 
+def link_local_scope(dst: int) -> bool:
+    """Limited broadcast, IPv4 local-network multicast (224.0.0.0/24), IPv6 ff02::/16: what
+    no router forwards (DHCP, mDNS, MLD, router solicitations)."""
+    if dst >> 32 == IPV4_TAG:
+        return _v4_local_scope(dst)
+    return dst >> 112 == 0xFF02
+
+
+def link_local_source(src: int | None) -> bool:
+    """fe80::/10: valid on the link only; no router forwards a packet from it (RFC 4291)."""
+    return src is not None and src >> 118 == 0xFE80 >> 6
+
+
+def link_local(h: Headers) -> bool:
+    """A packet of link-local scope (either address): never forwarded, whatever it is in."""
+    return h.dst is not None and (link_local_scope(h.dst) or link_local_source(h.src))
+
+
+def packet_problem(h: Headers) -> str | None:
+    """`address_problem` for the outer and, for VXLAN, the inner packet."""
+    problem = address_problem(h.src, h.dst)
+    if problem is None and h.inner is not None:
+        problem = address_problem(h.inner.src, h.inner.dst)
+    return problem
+
+
 def address_problem(src: int | None, dst: int | None) -> str | None:
     """The drop reason for a packet from ``src`` to ``dst``, or None when both may be used.
 

@@ -46,8 +46,8 @@ from appliance.model import (
     int_to_ip,
     int_to_mac,
 )
-from appliance.pipeline import describe_action
 from appliance.rulefmt import render_match, rule_dict
+from appliance.translate import describe_action
 
 Intervals = tuple[tuple[int, int], ...]
 

@@ -19,7 +19,7 @@ from appliance.model import (
     int_to_ip,
     int_to_mac,
 )
-from appliance.pipeline import describe_action
+from appliance.translate import describe_action
 
 _V4_LO = IPV4_BASE
 _V4_HI = IPV4_BASE | 0xFFFF_FFFF

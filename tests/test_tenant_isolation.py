@@ -11,7 +11,8 @@ from helpers import EXT_MAC, GW_MAC, POLICY, UPLINK_MAC, VM1_MAC, VM2_MAC, icmp_
 from appliance import guard
 from appliance import packet as pk
 from appliance.datapath.sim import SimNic
-from appliance.pipeline import FRAG_PORT_MAX, Pipeline
+from appliance.fragments import FRAG_PORT_MAX
+from appliance.pipeline import Pipeline
 from appliance.policy import parse_policy
 from appliance.timeouts import NS, TcpState, Timeouts
 
@@ -167,8 +168,8 @@ def test_fragment_state_is_capped_per_port_oldest_first():
                                                 proto=17, sport=1000 + i % 50000, dport=53,
                                                 payload=bytes(100), ip_id=i), 60)[0]
         p.process(first, "vm1", NS + i)
-    assert len(p._frags["vm1"]) == FRAG_PORT_MAX
-    assert p.frag_evictions == 10
+    assert p.fragments.count("vm1") == FRAG_PORT_MAX
+    assert p.fragments.evictions == 10
     # another port's fragments are not touched
     f2 = pk.fragment_ipv4(pk.build_frame(src_mac=VM2_MAC, dst_mac=GW_MAC, src=ip("10.0.0.2"),
                                          dst=ip("192.0.2.1"), proto=17, sport=9, dport=53,

@@ -22,10 +22,11 @@ from appliance.datapath.sim import DEFAULT_CAPACITY, DEFAULT_POLICY, SimNic
 from appliance.faults import INTERNAL_ERROR
 from appliance.keyfmt import key_dict, key_text
 from appliance.model import ActionKind, Direction
-from appliance.pipeline import Result, describe_action
+from appliance.pipeline import Result
 from appliance.policy import ConfigError, load_policy
 from appliance.replay import Assignment, Replayer
 from appliance.timeouts import Timeouts
+from appliance.translate import describe_action
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -40,9 +40,10 @@ from appliance.daemon.settings import Settings
 from appliance.daemon.upcall import FairQueue, Injector, Upcall, UpcallReader
 from appliance.faults import Fault, make_fault
 from appliance.model import Policy
-from appliance.pipeline import Pipeline, RevalidationStats
+from appliance.pipeline import Pipeline
 from appliance.policy import ConfigError, parse_policy
 from appliance.policylint import policy_warnings
+from appliance.revalidation import RevalidationStats
 from appliance.timeouts import TcpState
 
 log = structlog.get_logger(__name__)

@@ -45,9 +45,10 @@ from appliance.model import (
     is_ipv4,
     mac_to_int,
 )
-from appliance.pipeline import Result, describe_action
+from appliance.pipeline import Result
 from appliance.policy import ConfigError, parse_policy
 from appliance.rulefmt import render_match
+from appliance.translate import describe_action
 
 log = structlog.get_logger(__name__)
 
