@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover
 try:
     from yaml._yaml import CParser
 except ImportError:  # pragma: no cover - PyYAML built without libyaml
-    CParser = None
+    CParser = None  # type: ignore[assignment, misc]
 
 _STR_TAG: Final = "tag:yaml.org,2002:str"
 # PyYAML's implicit resolvers by first character (its own table, minus the string tag)

@@ -95,6 +95,34 @@ class Conn:
         return (self.forward,) if self.reverse is None else (self.forward, self.reverse)
 
 
+def fold_kernel_counters(table: FlowTable, flow: Flow, packets: int, nbytes: int,
+                         last_ns: int) -> int:
+    """Fold a datapath entry's counters (packets, bytes, last-seen time) into its flow;
+    returns how many packets are new since the last fold.
+
+    The datapath counts from its entry's creation: a count below what was folded means a
+    fresh entry (the flow was re-offloaded), counted from zero. The kernel copies only TCP
+    SYN/FIN/RST up, so the handshake's last ACK and the first reply of a mid-stream pickup
+    are only seen here, as counters: they confirm the connection.
+    """
+    if packets < flow.kernel_packets:  # a fresh entry (re-offloaded): counts from 0
+        flow.kernel_packets = flow.kernel_bytes = 0
+    new = packets - flow.kernel_packets
+    if new <= 0:
+        return 0
+    flow.packets += new
+    flow.bytes += nbytes - flow.kernel_bytes
+    flow.kernel_packets, flow.kernel_bytes = packets, nbytes
+    conn = flow.conn
+    if last_ns > conn.last_seen_ns:
+        conn.last_seen_ns = last_ns
+    if (conn.tcp_state is TcpState.UNCONFIRMED and flow is conn.reverse) or (
+            conn.tcp_state is TcpState.SYN_RECEIVED and flow is conn.forward):
+        conn.tcp_state = TcpState.ESTABLISHED
+        table.reschedule(conn)
+    return new
+
+
 def lone_drop(flow: Flow) -> bool:
     """A drop flow with no reply half: the memory of a refused unsolicited packet. It must
     not block a legitimate connection whose reply would use the same key."""

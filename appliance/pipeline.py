@@ -355,11 +355,12 @@ class Pipeline:
         flow instead of being refused as unsolicited.
         """
         key = pk.fast_flow_key(frame)
-        h = None
+        h: pk.Headers | None = None
         if key is None:
-            h = pk.parse(frame)
-            if isinstance(h, str) or h.src is None:
+            parsed = pk.parse(frame)
+            if isinstance(parsed, str) or parsed.src is None:
                 return None
+            h = parsed
             key = pk.flow_key(h)
         flow = self.flows.get((ingress, key))
         if flow is None:
@@ -561,7 +562,7 @@ class Pipeline:
             self._emit("expired", conn)
         self.fragments.prune()
 
-    def _slow(self, frame: bytes | None, h: pk.Headers | None, ingress: str, key: tuple,
+    def _slow(self, frame: bytes | None, h: pk.Headers | None, ingress: str, key: tuple | None,
               now_ns: int, create: bool = True, prefer_sport: int | None = None,
               check_mac: bool = True) -> Result:
         """Evaluate the layers, create the flow pair, offload, then execute the new flow."""
@@ -601,7 +602,9 @@ class Pipeline:
             if actions.output is None:
                 return self._drop(ingress, "slow", actions.drop_reason or "deny", port=d.port,
                                   direction=d.direction, steps=steps, key=key)
-            out = self._execute(actions, frame, h) if actions.touches_frame else frame
+            out = frame
+            if actions.touches_frame and frame is not None:
+                out = self._execute(actions, frame, h)
             self.counters.paths["slow"] += 1
             return Result(ingress, "slow", "forward", None, d.port, d.direction,
                           actions.output, out, None, steps, key)

@@ -23,7 +23,17 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Final, Literal, Self, TypeAlias, get_args
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    ClassVar,
+    Final,
+    Literal,
+    Self,
+    TypeAlias,
+    get_args,
+)
 
 import yaml
 from pydantic import (
@@ -322,13 +332,22 @@ def _match_field(parse_item: Callable[[object], tuple[bool, Interval]]) -> Any:
     return Annotated[FieldSet | None, PlainValidator(partial(_field_set, parse_item))]
 
 
-IpSet = _match_field(_ip_item)
-PortSet = _match_field(partial(_int_item, PORT_DOMAIN))
-ProtoSet = _match_field(partial(_int_item, PROTO_DOMAIN))
-DscpSet = _match_field(partial(_int_item, DSCP_DOMAIN))
-VlanSet = _match_field(partial(_int_item, VLAN_DOMAIN))
-VniSet = _match_field(partial(_int_item, VNI_DOMAIN))
-MacSet = _match_field(_mac_item)
+if TYPE_CHECKING:  # what the annotations hold once validated (mypy cannot run the factory)
+    IpSet: TypeAlias = FieldSet | None
+    PortSet: TypeAlias = FieldSet | None
+    ProtoSet: TypeAlias = FieldSet | None
+    DscpSet: TypeAlias = FieldSet | None
+    VlanSet: TypeAlias = FieldSet | None
+    VniSet: TypeAlias = FieldSet | None
+    MacSet: TypeAlias = FieldSet | None
+else:
+    IpSet = _match_field(_ip_item)
+    PortSet = _match_field(partial(_int_item, PORT_DOMAIN))
+    ProtoSet = _match_field(partial(_int_item, PROTO_DOMAIN))
+    DscpSet = _match_field(partial(_int_item, DSCP_DOMAIN))
+    VlanSet = _match_field(partial(_int_item, VLAN_DOMAIN))
+    VniSet = _match_field(partial(_int_item, VNI_DOMAIN))
+    MacSet = _match_field(_mac_item)
 
 Name = Annotated[str, AfterValidator(_non_empty)]
 IfName = Annotated[str, AfterValidator(_ifname)]
@@ -849,7 +868,7 @@ class _NoDuplicateKeys:
         for key_node, _ in node.value:
             if key_node.tag == _MERGE_TAG:
                 continue  # '<<' merges may legitimately be overridden
-            key = self.construct_object(key_node, deep=True)
+            key = self.construct_object(key_node, deep=True)  # type: ignore[attr-defined]
             if isinstance(key, Hashable) and key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark

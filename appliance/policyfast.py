@@ -160,7 +160,8 @@ class _Builder:
 
     def match(self, value: object) -> Match:
         raw = _mapping(value, _MATCH_KEYS)
-        fields = {name: self.field_set(name, raw[name]) for name in FIELDS if name in raw}
+        fields: dict[str, FieldSet] = {name: self.field_set(name, raw[name]) for name in FIELDS
+                                       if name in raw}
         if ("src_port" in fields or "dst_port" in fields) and "proto" in fields:
             proto = fields["proto"]  # cached, so alive: its id is stable for this document
             l4 = self.l4_protos.get(id(proto))

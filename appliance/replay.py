@@ -146,6 +146,7 @@ class Replayer:
                 "policy": getattr(self.nic.policy, "name", "?"),
                 "actions": sorted(str(k) for k in self.nic.capabilities),
             },
-            "duration_s": ((s.last_ns - s.first_ns) / 1e9) if s.first_ns is not None else 0.0,
+            "duration_s": ((s.last_ns - s.first_ns) / 1e9)
+            if s.first_ns is not None and s.last_ns is not None else 0.0,
             "internal_errors": dict(sorted(c.faults.items())),
         }

@@ -155,9 +155,9 @@ class Revalidator:
             new_conn.created_ns = conn.created_ns
             new_conn.last_seen_ns = conn.last_seen_ns
             p.flows.reschedule(new_conn)  # its real state decides its timeout
-            for f in (new_fwd, new_rev):
-                if f is not None:
-                    p.offload(f, now_ns)
+            p.offload(new_fwd, now_ns)
+            if new_rev is not None:
+                p.offload(new_rev, now_ns)
 
     def _restep(self, flow: Flow, steps: tuple[LayerStep, ...]) -> None:
         """Replace the layer decisions recorded for ``flow``; the packets it carried so far

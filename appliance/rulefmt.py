@@ -38,7 +38,7 @@ def _address_pieces(lo: int, hi: int) -> list[tuple[int, int]]:
 
 def _interval_text(name: str, lo: int, hi: int) -> str:
     if name in ("src", "dst"):
-        nets = []
+        nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         for a, b in _address_pieces(lo, hi):
             first, last = int_to_ip(a), int_to_ip(b)
             nets += ipaddress.summarize_address_range(first, last)  # type: ignore[arg-type]

@@ -439,7 +439,7 @@ class Translator:
             w, ctx, direction, output = self.walk(ingress, h, snat_ports)
             d = Decision(self.compile(h, w, output, ingress), self.steps(w),
                           ctx.port.name if ctx is not None else None, direction, output)
-            if ctx is None or d.actions.output is None or not pair:
+            if ctx is None or output is None or d.actions.output is None or not pair:
                 return d
             rw, rstart = self.reverse(w, ctx, direction, output, ingress)
             d.rkey = (output, pk.flow_key(rstart))

@@ -345,7 +345,7 @@ class CaptureComparison:
             rid, other = self._find(io), self._find(inn)
             if rid != other:
                 keep, gone = (rid, other) if rid < other else (other, rid)
-                self._records[keep].absorb(self._records[gone])  # type: ignore[union-attr]
+                self._records[keep].absorb(self._records[gone])  # type: ignore[union-attr, arg-type]
                 self._records[gone] = None
                 self._parent[gone] = keep
                 rid = keep

@@ -12,12 +12,9 @@ deleted; e.g. a SNAT download then hits `no_port` on the uplink until the VM sen
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-import trio
 from helpers import POLICY, udp
 
-from appliance.daemon.app import Daemon
+from appliance.daemon.ager import Ager
 from appliance.datapath.sim import SimNic
 from appliance.pipeline import Pipeline
 from appliance.policy import parse_policy
@@ -65,13 +62,12 @@ class FakeKernel(SimNic):
 async def test_reoffloaded_flow_keeps_its_last_seen_fresh():
     nic = FakeKernel()
     p = Pipeline(parse_policy(POLICY), nic)
-    daemon = SimpleNamespace(pipeline=p, datapath=nic, _sync_lock=trio.Lock())
-    daemon._fold_counters = lambda *a: Daemon._fold_counters(daemon, *a)
+    ager = Ager(p, nic, interval=1.0, record_fault=p.record_fault)  # no daemon needed
     p.process(udp("10.0.0.1", 5000, "192.0.2.1", 53), "vm1", 0)
     flow = p.flows.get(("vm1", next(iter(p.flows)).key[1]))
     assert flow.offloaded
     nic.kernel_forward(flow, 50, 10 * NS)
-    await Daemon.sync_counters_async(daemon)
+    await ager.sync_counters()
     assert flow.conn.last_seen_ns == 10 * NS
     # the cache evicts the entry, the next packet comes up and the flow is offloaded again
     nic.remove(flow)
@@ -79,6 +75,6 @@ async def test_reoffloaded_flow_keeps_its_last_seen_fresh():
     assert flow.offloaded and nic.map[flow.key] == [0, 0, 0]
     # the kernel forwards 10 more packets, the last one at t=25 s
     nic.kernel_forward(flow, 10, 25 * NS)
-    await Daemon.sync_counters_async(daemon)
+    await ager.sync_counters()
     assert flow.conn.last_seen_ns == 25 * NS  # was: stays 11 s (10 < old kernel_packets 50)
     assert not p.age(45 * NS)  # udp idle timeout is 30 s: the active flow must not expire

@@ -13,6 +13,7 @@ if [ "$rc" -eq 5 ]; then
 fi
 [ "$rc" -eq 0 ] || exit "$rc"
 .venv/bin/ruff check appliance tests tools || exit 1
+.venv/bin/mypy appliance || { echo "test: mypy found type errors in appliance/" >&2; exit 1; }
 .venv/bin/python tools/bench/classifier.py --quick >/dev/null || { echo "test: classifier bench smoke run failed" >&2; exit 1; }
 .venv/bin/python tools/bench/conn_rate.py --quick >/dev/null || { echo "test: conn_rate bench smoke run failed" >&2; exit 1; }
 # The packages: built, linted, installed in a throwaway Debian root, upgraded, purged (~4-6 min).

@@ -291,9 +291,9 @@ def rule_from_args(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 def _layer_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.yaml:
-        layer = _yaml_map(args.yaml, "--yaml")
-        layer.setdefault("name", args.name)
-        return layer
+        from_yaml = _yaml_map(args.yaml, "--yaml")
+        from_yaml.setdefault("name", args.name)
+        return from_yaml
     layer: dict[str, Any] = {"name": args.name}
     if args.stateful:
         layer["stateful"] = True

@@ -56,7 +56,7 @@ def load(args: argparse.Namespace) -> tuple[Settings, Policy, str]:
     """Settings, the policy, and the exact text it was parsed from (operators edit that)."""
     settings = load_config(args)
     try:
-        text = settings.policy.read_text()
+        text = Path(settings.policy).read_text()
     except OSError as e:
         raise ConfigError([f"{settings.policy}: cannot read: {e.strerror}"]) from None
     except UnicodeDecodeError as e:

@@ -1,13 +1,17 @@
 """applianced's task tree: one trio nursery, subsystems started in dependency order.
 
-    datapath (probe, upcall TAP, BPF maps)   -- on the netlink thread
-      -> link watcher (netlink)  --links-->  port manager (attach/detach, flow cleanup)
-      -> upcall reader (TAP)     --batches-> slow path (pipeline, offload, re-inject)
-      -> ager (kernel counters -> last seen, idle expiry)
-      -> signals (SIGHUP reload, SIGTERM/SIGINT stop)
-      -> IPC server (operators; appliance.daemon.ipc) -> metrics (optional)
+    signals (SIGHUP reload, SIGTERM/SIGINT stop)          -- first: a stop during start-up
+    datapath (probe, upcall TAP, BPF maps)                -- on the netlink thread
+      -> link watcher (appliance.daemon.netlink) --links-> port manager (attach/detach here)
+      -> adoption of a previous run's kernel entries (here)
+      -> upcall reader (appliance.daemon.upcall) --per-port queues-> slow path
+         (appliance.daemon.slowpath: pipeline, offload, re-inject)
+      -> ager (appliance.daemon.ager: kernel counters, revalidation leftovers, idle expiry)
+      -> IPC server (appliance.daemon.ipc) -> policy source (etcd, optional) -> metrics
 
-Channels are bounded; the upcall channel is the upcall budget (see appliance.daemon.upcall).
+This module owns the tree, the kernel datapath's devices, policy changes (reload / apply,
+shared by SIGHUP, operators and the etcd source), fault logging and the fail-static stop.
+Queues between tasks are bounded (appliance.daemon.upcall).
 Everything that touches pyroute2's IPRoute runs on one dedicated thread (`NetlinkThread`):
 IPRoute is bound to the thread that created it and blocks it.
 """
@@ -22,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -29,31 +34,28 @@ import structlog
 import trio
 
 from appliance import __version__
-from appliance.actions import TokenBucket
+from appliance.daemon.ager import Ager
 from appliance.daemon.events import EventBus
-from appliance.daemon.histogram import Histogram
 from appliance.daemon.ipc import IpcServer
 from appliance.daemon.logs import RateLimited
 from appliance.daemon.metrics import MetricsServer
 from appliance.daemon.netlink import Link, LinkEvent, LinkWatcher
 from appliance.daemon.settings import Settings
-from appliance.daemon.upcall import FairQueue, Injector, Upcall, UpcallReader
+from appliance.daemon.slowpath import SlowPath
+from appliance.daemon.upcall import FairQueue, Injector, UpcallReader
+from appliance.datapath.base import KernelDatapath
 from appliance.faults import Fault, make_fault
 from appliance.model import Policy
 from appliance.pipeline import Pipeline
 from appliance.policy import ConfigError, parse_policy
 from appliance.policylint import policy_warnings
 from appliance.revalidation import RevalidationStats
-from appliance.timeouts import TcpState
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 LINK_EVENTS: Final = 64  # link events buffered between watcher and port manager
 MAX_TAG: Final = 0x7FF  # port tags fit in 11 bits (bit 0x800 marks copies)
-REVALIDATE_CHUNK: Final = 5000  # connections revalidated between yields to other tasks
-SYNC_CHUNK: Final = 1000  # flows folded between yields to other tasks (~1 ms of work)
-SLOW_PATH_SLICE: Final = 32  # upcalls evaluated between yields to other tasks
 FAULT_LOG_INTERVAL: Final = 60.0  # seconds between log lines for repeats of one fault cause
 FAULT_FRAME_HEX: Final = 512  # bytes of the frame shown in a fault's log line
 STOP_HEADLESS_FILE: Final = "stop-headless"  # in state_dir: the next SIGTERM stop is headless
@@ -120,6 +122,20 @@ class NetlinkThread:
         self._jobs.put(None)
 
 
+@dataclass(frozen=True, slots=True)
+class Subsystems:
+    """The running daemon's parts, all present: the narrow, typed view the IPC methods and
+    the metrics read (`Daemon.up`, set once start-up made them, before the IPC server)."""
+
+    pipeline: Pipeline
+    datapath: KernelDatapath
+    watcher: LinkWatcher
+    upcall_queue: FairQueue
+    reader: UpcallReader
+    slowpath: SlowPath
+    ager: Ager
+
+
 class Daemon:
     """The live switch: owns the pipeline, the kernel datapath and the tasks around them."""
 
@@ -130,7 +146,7 @@ class Daemon:
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.netlink = NetlinkThread()
-        self.datapath: Any = None
+        self.datapath: KernelDatapath | None = None
         self.pipeline: Pipeline | None = None
         self.injector = Injector()
         self.watcher: LinkWatcher | None = None
@@ -145,20 +161,16 @@ class Daemon:
         self.stopping = trio.Event()
         self.links_synced = trio.Event()
         self.ready = trio.Event()
-        self.upcall_drops = 0
         self.upcall_fd = -1
-        self.upcalls: collections.Counter[str] = collections.Counter()  # per port
-        self.budget_drops: collections.Counter[str] = collections.Counter()
-        self.budgets: dict[str, TokenBucket] = {}
-        self._warn = RateLimited(10.0)
         self.ipc: IpcServer | None = None
         self.metrics: MetricsServer | None = None
-        self.setup_latency = Histogram()  # upcall batch read -> decision made, slow path only
         self.upcall_queue: FairQueue | None = None
+        self.slowpath: SlowPath | None = None
+        self.ager: Ager | None = None
+        self._up: Subsystems | None = None
         self.policy_text = policy_text  # the YAML the running policy was parsed from
         self.probe: dict[str, bool] = {}
         self._adopted_tags: dict[int, int] = {}  # ifindex -> tag a previous run used
-        self._sync_lock = trio.Lock()  # one counter fold at a time (ager, IPC, metrics)
         self.operator_stop = False  # SIGTERM/SIGINT asked us to stop (else: a crash)
         self.faults: collections.Counter[str] = collections.Counter()  # by Fault.where
         self._fault_log = RateLimited(FAULT_LOG_INTERVAL)
@@ -199,6 +211,20 @@ class Daemon:
                 "upcall_pps": s.upcall_port_rate,
                 "upcall_burst": max(1, s.upcall_port_rate // 10)}
 
+    @property
+    def dp(self) -> KernelDatapath:
+        """The kernel datapath (opened first thing at start; everything after uses it)."""
+        if self.datapath is None:
+            raise RuntimeError("the kernel datapath is not open")
+        return self.datapath
+
+    @property
+    def up(self) -> Subsystems:
+        """The running subsystems (operators and metrics only ever run after start-up)."""
+        if self._up is None:
+            raise RuntimeError("applianced is not running yet")
+        return self._up
+
     # ----------------------------------------------------------------- faults
 
     def record_fault(self, where: str, exc: BaseException, *, ingress: str | None = None,
@@ -238,12 +264,12 @@ class Daemon:
             self.datapath = await self.netlink.call(
                 tc.TcDatapath, capacity=s.nic_capacity, adopt=s.adopt, pin_dir=str(s.pin_dir),
                 upcall_ifindex=ifindex, policy=s.nic_policy, per_port=s.nic_port_quota)
-            self.probe = await self.netlink.call(self.datapath.probe)
-            if self.datapath.adopted:
-                self._adopted_tags = await self.netlink.call(self.datapath.adopted_tags)
+            self.probe = await self.netlink.call(self.dp.probe)
+            if self.dp.adopted:
+                self._adopted_tags = await self.netlink.call(self.dp.adopted_tags)
         log.info("datapath_ready", backend="tc", upcall_device=s.upcall_device,
                  upcall_ifindex=ifindex, probe=self.probe,
-                 offloads=sorted(str(k) for k in self.datapath.capabilities),
+                 offloads=sorted(str(k) for k in self.dp.capabilities),
                  adopted=getattr(self.datapath, "adopted", False))
 
     async def _attach(self, name: str, link: Link) -> None:
@@ -251,7 +277,7 @@ class Daemon:
             return
         tag = self._tag_for(name, link.ifindex)
         try:
-            await self.netlink.call(self.datapath.attach, name, link.ifindex, tag,
+            await self.netlink.call(self.dp.attach, name, link.ifindex, tag,
                                     **self._port_kernel_settings(name))
         except Exception as e:  # a device that vanished meanwhile: the next event fixes it
             log.warning("attach_failed", name=name, device=link.name, error=str(e))
@@ -267,7 +293,7 @@ class Daemon:
             return
         del self.attached[name]
         try:
-            await self.netlink.call(self.datapath.detach, name)
+            await self.netlink.call(self.dp.detach, name)
         except Exception as e:
             log.warning("detach_failed", name=name, error=str(e))
         removed = self.pipeline.remove_port(name) if self.pipeline else 0
@@ -304,134 +330,6 @@ class Daemon:
                 log.info("link_state", name=name, device=ev.link.name, up=ev.link.up)
             await self._attach(name, ev.link)
 
-    async def slow_path(self, queue: FairQueue, *,
-                        task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Evaluate missed packets, install their flows, re-inject them: `SLOW_PATH_SLICE`
-        upcalls at a time, round-robin across ports, yielding in between (operators, the
-        ager and the reader get in)."""
-        task_status.started()
-        pipeline = self.pipeline
-        assert pipeline is not None
-        while True:
-            await queue.wait()
-            now = time.monotonic_ns()
-            for up in queue.take(SLOW_PATH_SLICE):
-                ingress = self.by_tag.get(up.tag)
-                if ingress is None:
-                    self.upcall_drops += 1
-                    continue
-                try:
-                    self._upcall(pipeline, up, ingress, now)
-                except Exception as exc:  # never reached for packet faults (the
-                    # pipeline isolates them); this covers the daemon's own steps
-                    fault = self.record_fault("upcall", exc, ingress=ingress, frame=up.frame)
-                    pipeline.count_drop(ingress, fault)
-            await trio.sleep(0)
-
-    def _upcall(self, pipeline: Pipeline, up: Upcall, ingress: str, now: int) -> None:
-        """One upcall: follow a copy, or evaluate a miss within the port's budget and
-        re-inject the packet where its flow sends it."""
-        self.upcalls[ingress] += 1
-        # every upcall was charged to the port's kernel budget on the way up; evaluations
-        # (new connections, restarts of closed ones by a copied SYN) also to this one
-        if pipeline.starts_connection(up.frame, ingress) and not self._budget(
-                ingress).admit(1, now):
-            self.budget_drops[ingress] += 1
-            if self._warn.allow(f"budget:{ingress}"):
-                log.warning("upcall_budget_exceeded", port=ingress,
-                            rate=self.settings.upcall_rate, dropped=self.budget_drops[ingress])
-            return
-        if up.copy:
-            pipeline.observe(up.frame, ingress, now)
-            return
-        result = pipeline.process(up.frame, ingress, now)
-        if result.path == "slow":
-            self.setup_latency.observe((time.monotonic_ns() - now) / 1e9)
-        if result.frame is not None and result.out_port is not None:
-            device = self.devices.get(result.out_port)
-            if device is None or not self.injector.send(result.frame, device):
-                self.upcall_drops += 1
-
-    def _budget(self, ingress: str) -> TokenBucket:
-        """Per-port slow-path budget: one port's flood of new flows cannot starve the others'
-        (established traffic is in the kernel and never waits for the daemon anyway)."""
-        bucket = self.budgets.get(ingress)
-        if bucket is None:
-            rate = self.settings.upcall_rate
-            bucket = TokenBucket(f"upcall/{ingress}", rate, None, max(1, rate // 10), 0)
-            self.budgets[ingress] = bucket
-        return bucket
-
-    async def ager(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Fold kernel per-flow counters into the flows, then expire idle connections."""
-        task_status.started()
-        interval = self.settings.sweep_interval
-        while True:
-            await trio.sleep(interval)
-            # each step isolated: a fault in one sweep is logged, the next sweep runs
-            for step in (self.sync_counters_async, self.revalidate_all, self._expire):
-                try:
-                    await step()
-                except Exception as exc:
-                    self.record_fault("sweep", exc)
-
-    async def _expire(self) -> None:
-        expired = self.pipeline.age(time.monotonic_ns()) if self.pipeline else []
-        if expired:
-            log.debug("flows_expired", connections=len(expired))
-
-    async def sync_counters_async(self) -> None:
-        """Kernel hits never reach the daemon: fold the datapath's per-flow counters into the
-        flows (ager sweeps, operator requests). The map is read on a worker thread (bpf(2)
-        only), then decoded and folded `SYNC_CHUNK` entries at a time, yielding in between,
-        so even a 100k-flow table never holds up a first packet for more than a ms or so.
-
-        One fold at a time: a fold of an older read after a newer one would take the
-        counters for a fresh entry and count them twice. A caller that finds a fold running
-        waits for it and uses its result."""
-        if self.datapath is None:
-            return
-        if self._sync_lock.locked():
-            async with self._sync_lock:
-                return
-        async with self._sync_lock:
-            kb, vb, n = await trio.to_thread.run_sync(self.datapath.counter_blobs)
-            for start in range(0, n, SYNC_CHUNK):
-                try:
-                    self._fold_counters(kb, vb, start, min(n, start + SYNC_CHUNK))
-                except Exception as exc:  # one bad chunk: the next sweep folds it again
-                    self.record_fault("sweep", exc)
-                await trio.sleep(0)
-
-    def _fold_counters(self, kb: bytes, vb: bytes, start: int, stop: int) -> None:
-        pipeline = self.pipeline
-        if pipeline is None:
-            return
-        datapath = self.datapath
-        lookup = pipeline.flows.get
-        for raw, (packets, nbytes, last_ns) in datapath.decode_counters(kb, vb, start, stop):
-            key = datapath.flow_key_of(raw)
-            flow = lookup(key) if key is not None else None
-            if flow is None or not flow.offloaded:
-                continue
-            if packets < flow.kernel_packets:  # a fresh entry (re-offloaded): counts from 0
-                flow.kernel_packets = flow.kernel_bytes = 0
-            new = packets - flow.kernel_packets
-            if new > 0:
-                flow.packets += new
-                flow.bytes += nbytes - flow.kernel_bytes
-                flow.kernel_packets, flow.kernel_bytes = packets, nbytes
-                datapath.used(flow, new)
-                conn = flow.conn
-                if last_ns > conn.last_seen_ns:
-                    conn.last_seen_ns = last_ns
-                # the kernel copies only SYN/FIN/RST up: the handshake's last ACK and the
-                # first reply of a mid-stream pickup are only seen here, as counters
-                if (conn.tcp_state is TcpState.UNCONFIRMED and flow is conn.reverse) or (
-                        conn.tcp_state is TcpState.SYN_RECEIVED and flow is conn.forward):
-                    conn.tcp_state = TcpState.ESTABLISHED
-                    pipeline.flows.reschedule(conn)
-
     async def signals(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as sigs:
             task_status.started()
@@ -453,7 +351,7 @@ class Daemon:
             return await self.policy_source.reload(self)
         path = self.settings.policy
         try:
-            text = await trio.to_thread.run_sync(_read_policy, path)
+            text = await trio.to_thread.run_sync(_read_policy, Path(path))
             policy = await trio.to_thread.run_sync(parse_policy, text, str(path))
         except ConfigError as e:
             self.reloads_failed += 1
@@ -488,11 +386,11 @@ class Daemon:
                     await self._attach(name, link)
         for name, ifindex in list(self.attached.items()):  # port security may have changed
             try:
-                await self.netlink.call(self.datapath.configure_port, ifindex,
+                await self.netlink.call(self.dp.configure_port, ifindex,
                                         **self._port_kernel_settings(name))
             except Exception as exc:
                 self.record_fault("netlink", exc, ingress=name)
-        stats = await self.revalidate_all()
+        stats = await self.ager.revalidate_all() if self.ager else RevalidationStats()
         generation = self.pipeline.generation if self.pipeline else 0
         log.info("reloaded", reason=reason, policy=policy.source, digest=policy.digest[:12],
                  generation=generation, checked=stats.checked, unchanged=stats.unchanged,
@@ -501,19 +399,6 @@ class Daemon:
                             digest=policy.digest, checked=stats.checked,
                             updated=stats.updated, replaced=stats.replaced)
         return stats
-
-    async def revalidate_all(self) -> RevalidationStats:
-        """Revalidate every stale connection now, yielding to other tasks between chunks."""
-        total = RevalidationStats()
-        if self.pipeline is None:
-            return total
-        while True:
-            stats = self.pipeline.revalidate(time.monotonic_ns(), limit=REVALIDATE_CHUNK)
-            for name in ("checked", "unchanged", "updated", "replaced"):
-                setattr(total, name, getattr(total, name) + getattr(stats, name))
-            if not stats.remaining:
-                return total
-            await trio.sleep(0)
 
     # -------------------------------------------------------------------- run
 
@@ -532,7 +417,7 @@ class Daemon:
                 except Exception as e:  # no BPF object, no privileges, no TC, ...
                     log.error("datapath_failed", error=str(e), hint=DATAPATH_HINT)
                     raise StartupError(f"cannot start the kernel datapath: {e}") from None
-                self.pipeline = Pipeline(self.policy, self.datapath,
+                self.pipeline = Pipeline(self.policy, self.dp,
                                          timeouts=s.idle_timeouts(), max_flows=s.max_flows,
                                          port_share=s.port_flow_share)
                 self.pipeline.observers.append(self._flow_event)
@@ -543,10 +428,17 @@ class Daemon:
                 await nursery.start(self.watcher.run)
                 await self.links_synced.wait()  # ports present at start are attached
                 self._adopt()
-                await nursery.start(self.slow_path, self.upcall_queue)
+                self.slowpath = SlowPath(self.pipeline, self.injector,
+                                         upcall_rate=s.upcall_rate, by_tag=self.by_tag,
+                                         devices=self.devices, record_fault=self.record_fault)
+                await nursery.start(self.slowpath.run, self.upcall_queue)
                 self.reader = UpcallReader(self.upcall_fd, self.upcall_queue, s.upcall_batch)
                 await nursery.start(self.reader.run)
-                await nursery.start(self.ager)
+                self.ager = Ager(self.pipeline, self.dp, interval=s.sweep_interval,
+                                 record_fault=self.record_fault)
+                await nursery.start(self.ager.run)
+                self._up = Subsystems(self.pipeline, self.dp, self.watcher,
+                                      self.upcall_queue, self.reader, self.slowpath, self.ager)
                 self.ipc = IpcServer(self)
                 await nursery.start(self.ipc.run)
                 if self.policy_source is not None:
@@ -588,8 +480,9 @@ class Daemon:
 
         if not getattr(self.datapath, "adopted", False) or self.pipeline is None:
             return
-        entries = self.datapath.installed_entries()
-        self.datapath.forget_installed()
+        assert self.watcher is not None  # adoption runs once the links are known
+        entries = self.dp.installed_entries()
+        self.dp.forget_installed()
         by_index = {link.ifindex: link.name for link in self.watcher.links.values()}
         names = self._switch_names(self.policy)
         now = time.monotonic_ns()
@@ -617,7 +510,7 @@ class Daemon:
                     adopted += 1
                     continue
             if name is None or self.pipeline.flows.get((name, e.packet_key)) is None:
-                self.datapath.remove_raw(e)
+                self.dp.remove_raw(e)
                 stale += 1
         log.info("adopted_flows", entries=len(entries), flows=adopted, stale=stale)
 

@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import structlog
 import trio
@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance import __version__, policyedit, ruleanalysis, whatif
 from appliance import packet as pk
 from appliance.counters import PortCounters, RuleCounters, RuleId, add_flow
+from appliance.daemon.slowpath import SlowPathStats
 from appliance.datapath.base import unsupported_kinds
 from appliance.flows import Flow
 from appliance.ipcproto import FAILED, INVALID_PARAMS, PROTOCOL_VERSION, IpcError, wire_safe
@@ -49,6 +50,10 @@ from appliance.pipeline import Result
 from appliance.policy import ConfigError, parse_policy
 from appliance.rulefmt import render_match
 from appliance.translate import describe_action
+
+if TYPE_CHECKING:
+    from appliance.daemon.app import Daemon
+    from appliance.daemon.ipc import IpcServer
 
 log = structlog.get_logger(__name__)
 
@@ -79,8 +84,8 @@ class ConnState:
 
 @dataclass(slots=True)
 class Ctx:
-    daemon: Any
-    server: Any  # the IpcServer: locks and client statistics
+    daemon: Daemon
+    server: IpcServer  # locks and client statistics
     access: str = "full"  # "full" | "read" (what the peer may call)
     peer: tuple[int, int, int] = (0, 0, 0)  # pid, uid, gid (SO_PEERCRED)
     conn: ConnState = field(default_factory=ConnState)
@@ -117,6 +122,11 @@ def method_list() -> list[dict[str, Any]]:
     return [{"name": m.name, "read_only": m.read_only} for m in METHODS.values()]
 
 
+def slowpath_stats(daemon: Daemon) -> SlowPathStats:
+    """The slow path's counters (empty before it started)."""
+    return daemon.up.slowpath.stats if daemon.up.slowpath is not None else SlowPathStats()
+
+
 # ------------------------------------------------------------------------ rendering
 
 def flow_row(flow: Flow, now_ns: int) -> dict[str, Any]:
@@ -151,14 +161,14 @@ def event_wire(event: dict[str, Any]) -> dict[str, Any]:
 
 # -------------------------------------------------------------------- counter snapshot
 
-async def counter_snapshot(daemon: Any, *, sync: bool = True) -> tuple[
+async def counter_snapshot(daemon: Daemon, *, sync: bool = True) -> tuple[
         dict[RuleId, RuleCounters], dict[str, PortCounters]]:
     """`CounterBook.snapshot` in chunks: retired totals and the flow list taken at the start
     (so a connection retired meanwhile is counted exactly once), live flows folded in
     between yields. ``sync``: fold the kernel's counters first (else: as of the last sweep)."""
-    pipeline = daemon.pipeline
+    pipeline = daemon.up.pipeline
     if sync:
-        await daemon.sync_counters_async()
+        await daemon.up.ager.sync_counters()
     retired_rules, retired_ports = pipeline.book.snapshot(())
     rules: dict[RuleId, RuleCounters] = defaultdict(RuleCounters, retired_rules)
     ports: dict[str, PortCounters] = defaultdict(PortCounters, retired_ports)
@@ -251,13 +261,14 @@ def _file_digest(path: Path) -> str | None:
 @method("status")
 async def status(ctx: Ctx, p: NoParams) -> dict[str, Any]:
     d = ctx.daemon
-    pipeline = d.pipeline
+    sp = slowpath_stats(d)
+    pipeline = d.up.pipeline
     source = d.policy_source.status() if d.policy_source is not None else None
     if source is None:
         file_digest = await trio.to_thread.run_sync(_file_digest, Path(d.settings.policy))
     else:  # the "file" is the etcd key: compare with the value applied from it
         file_digest = source["digest"]
-    fq = d.upcall_queue
+    fq = d.up.upcall_queue
     trio_stats = trio.lowlevel.current_statistics()
     flows = pipeline.flows
     return {
@@ -280,9 +291,9 @@ async def status(ctx: Ctx, p: NoParams) -> dict[str, Any]:
         },
         "datapath": {
             "backend": d.settings.datapath,
-            "capabilities": sorted(str(k) for k in d.datapath.capabilities),
+            "capabilities": sorted(str(k) for k in d.up.datapath.capabilities),
             "probe": dict(d.probe),
-            "adopted": bool(getattr(d.datapath, "adopted", False)),
+            "adopted": bool(getattr(d.up.datapath, "adopted", False)),
             "headless": d.settings.headless,
         },
         "flows": {"active": len(flows), "max": flows.max_flows, "created": flows.created,
@@ -291,11 +302,11 @@ async def status(ctx: Ctx, p: NoParams) -> dict[str, Any]:
             "queue_depth": fq.depth if fq is not None else 0,
             "queue_size": fq.per_port if fq is not None else 0,  # per port
             "queue_drops": sum(fq.drops.values()) if fq is not None else 0,
-            "reader": dataclasses.asdict(d.reader.stats) if d.reader is not None else {},
-            "drops": d.upcall_drops,
-            "setup_p50": d.setup_latency.quantile(0.5),
-            "setup_p99": d.setup_latency.quantile(0.99),
-            "setup_count": d.setup_latency.total,
+            "reader": dataclasses.asdict(d.up.reader.stats) if d.up.reader is not None else {},
+            "drops": sp.drops,
+            "setup_p50": sp.setup_latency.quantile(0.5),
+            "setup_p99": sp.setup_latency.quantile(0.99),
+            "setup_count": sp.setup_latency.total,
         },
         "injector": {"sent": d.injector.sent, "failed": d.injector.failed},
         "internal_errors": {"by_where": dict(d.faults),
@@ -312,15 +323,17 @@ async def status(ctx: Ctx, p: NoParams) -> dict[str, Any]:
 async def ports(ctx: Ctx, p: NoParams) -> list[dict[str, Any]]:
     """Policy ports and the uplink: device state and counters (rx = sent into the switch)."""
     d = ctx.daemon
+    sp = slowpath_stats(d)
     _, port_counters = await counter_snapshot(d)
     drops: dict[str, dict[str, int]] = defaultdict(dict)
-    for (ingress, reason), n in d.pipeline.counters.port_drops.items():
+    for (ingress, reason), n in d.up.pipeline.counters.port_drops.items():
         drops[ingress][reason] = n
-    links = d.watcher.links if d.watcher is not None else {}
-    kernel_drops = d.datapath.port_upcall_drops()  # one bpf(2) lookup per port
+    links = d.up.watcher.links
+    kernel_drops = d.up.datapath.port_upcall_drops()  # one bpf(2) lookup per port
     rows = []
-    entries = [(pt.name, pt.interface, int_to_mac(pt.mac), [str(int_to_ip(i)) for i in pt.ips],
-                list(pt.layers)) for pt in d.policy.ports]
+    entries: list[tuple[str, str, str | None, list[str], list[str]]] = [
+        (pt.name, pt.interface, int_to_mac(pt.mac), [str(int_to_ip(i)) for i in pt.ips],
+         list(pt.layers)) for pt in d.policy.ports]
     entries.append((d.policy.uplink, d.policy.uplink, None, [], []))
     for name, device, mac, ips, layers in entries:
         link = links.get(device)
@@ -330,11 +343,10 @@ async def ports(ctx: Ctx, p: NoParams) -> list[dict[str, Any]]:
             "ifindex": link.ifindex if link is not None else None,
             "up": link.up if link is not None else False,
             "attached": name in d.attached, "tag": d.tags.get(name),
-            "upcalls": d.upcalls.get(name, 0), "upcall_budget_drops": d.budget_drops.get(name, 0),
+            "upcalls": sp.upcalls.get(name, 0), "upcall_budget_drops": sp.budget_drops.get(name, 0),
             "upcall_kernel_drops": kernel_drops.get(name, (0, 0))[0],
             "copy_kernel_drops": kernel_drops.get(name, (0, 0))[1],
-            "upcall_queue_drops": (d.upcall_queue.drops.get(d.tags.get(name), 0)
-                                   if d.upcall_queue is not None else 0),
+            "upcall_queue_drops": d.up.upcall_queue.drops.get(d.tags.get(name, -1), 0),
             "mac": mac, "ips": ips, "layers": layers,
             **c.as_dict(), "drops": drops.get(name, {}),
         })
@@ -364,8 +376,8 @@ async def rules(ctx: Ctx, p: RulesParams) -> list[dict[str, Any]]:
         raise IpcError(INVALID_PARAMS, f"layer: no layer {p.layer!r}")
     rule_counters, _ = await counter_snapshot(ctx.daemon)
     per_rule: dict[tuple[str, str, str], dict[str, RuleCounters]] = defaultdict(dict)
-    for (port, layer, direction, rule), c in rule_counters.items():
-        per_rule[(layer, direction, rule)][port] = c
+    for (port, layer_name, direction, rule), c in rule_counters.items():
+        per_rule[(layer_name, direction, rule)][port] = c
     rows = []
     for layer in pol.layers.values():
         if p.layer is not None and layer.name != p.layer:
@@ -373,8 +385,9 @@ async def rules(ctx: Ctx, p: RulesParams) -> list[dict[str, Any]]:
         for direction in (Direction.OUT, Direction.IN):
             if p.direction is not None and str(direction) != p.direction:
                 continue
-            entries = [(r.name, r.priority, render_match(r.match), describe_action(r.action))
-                       for r in layer.rules(direction)]
+            entries: list[tuple[str, int | None, str, str]] = [
+                (r.name, r.priority, render_match(r.match), describe_action(r.action))
+                for r in layer.rules(direction)]
             entries.append(("default", None, "any", describe_action(layer.default(direction))))
             for name, prio, match, action in entries:
                 by_port = per_rule.get((layer.name, str(direction), name), {})
@@ -404,9 +417,9 @@ async def flows(ctx: Ctx, p: FlowsParams) -> dict[str, Any]:
     d = ctx.daemon
     st = ctx.conn
     if p.cursor is None:
-        await d.sync_counters_async()
+        await d.up.ager.sync_counters()
         st.snapshot_id += 1
-        st.snapshot = list(d.pipeline.flows)
+        st.snapshot = list(d.up.pipeline.flows)
         offset = 0
     else:
         sid, _, off = p.cursor.partition(":")
@@ -436,7 +449,7 @@ async def flows(ctx: Ctx, p: FlowsParams) -> dict[str, Any]:
 
 @method("nic")
 async def nic(ctx: Ctx, p: NoParams) -> dict[str, Any]:
-    dp = ctx.daemon.datapath
+    dp = ctx.daemon.up.datapath
     return {"stats": dataclasses.asdict(dp.stats()), "kernel": dict(dp.kernel_stats()),
             "capabilities": sorted(str(k) for k in dp.capabilities),
             "probe": dict(ctx.daemon.probe)}
@@ -560,8 +573,8 @@ async def trace(ctx: Ctx, p: TraceParams) -> dict[str, Any]:
     """What the switch would do with this packet now; changes nothing."""
     d = ctx.daemon
     ingress, frame = build_trace_frame(d.policy, p)
-    r = d.pipeline.explain(ingress, frame)
-    return {**explain_dict(r, d.datapath.capabilities), "generation": d.pipeline.generation}
+    r = d.up.pipeline.explain(ingress, frame)
+    return {**explain_dict(r, d.up.datapath.capabilities), "generation": d.up.pipeline.generation}
 
 
 # ------------------------------------------------------------------- write methods
@@ -585,7 +598,7 @@ async def reload(ctx: Ctx, p: NoParams) -> dict[str, Any]:
         errors = (event or {}).get("errors", [])
         raise IpcError(FAILED, "the policy file is invalid; the running policy stays",
                        details=errors)
-    return {"generation": d.pipeline.generation, "digest": d.policy.digest,
+    return {"generation": d.up.pipeline.generation, "digest": d.policy.digest,
             "revalidation": {k: (event or {}).get(k) for k in ("checked", "updated",
                                                                "replaced")}}
 
@@ -602,7 +615,7 @@ async def flush(ctx: Ctx, p: FlushParams) -> dict[str, Any]:
     traffic of an allowed connection; it only costs a slow-path pass).
     """
     d = ctx.daemon
-    pipeline = d.pipeline
+    pipeline = d.up.pipeline
     if p.port is not None and p.port != d.policy.uplink and d.policy.port(p.port) is None:
         raise IpcError(INVALID_PARAMS, f"port: no port {p.port!r}")
     if p.empty:
@@ -758,7 +771,7 @@ async def _edit(ctx: Ctx, p: EditParams, edit: Callable[[policyedit.Doc], policy
                                        "nothing changed") from None
         stats = await d.apply_policy(policy, reason="ipc", text=new_text)
     log.info("policy_edited", edit=what, saved=p.save, digest=policy.digest[:12])
-    return {"edit": what, "saved": p.save, "generation": d.pipeline.generation,
+    return {"edit": what, "saved": p.save, "generation": d.up.pipeline.generation,
             "digest": policy.digest,
             "revalidation": {k: getattr(stats, k) for k in ("checked", "unchanged", "updated",
                                                             "replaced")}}
@@ -832,9 +845,9 @@ async def _candidate(p: PolicyDiffParams) -> Policy:
 async def _judge(daemon: Any, policy: Policy) -> whatif.LiveDiff:
     """Every live connection judged under ``policy``, in chunks (yielding in between); the
     candidate's classifiers are compiled on a worker thread."""
-    pipeline = daemon.pipeline
+    pipeline = daemon.up.pipeline
     live = await trio.to_thread.run_sync(whatif.LiveDiff, pipeline, policy)
-    await daemon.sync_counters_async()  # so the changes carry current packet counts
+    await daemon.up.ager.sync_counters()  # so the changes carry current packet counts
     conns = list(pipeline.flows.conns())
     now = time.monotonic_ns()
     for i in range(0, len(conns), WHATIF_CHUNK):
@@ -860,7 +873,7 @@ async def policy_diff(ctx: Ctx, p: PolicyDiffParams) -> dict[str, Any]:
         live = await _judge(d, policy)
         rules = await trio.to_thread.run_sync(ruleanalysis.diff_rules, d.policy, policy)
         result = live.result(p.limit)
-        generation, digest = d.pipeline.generation, d.policy.digest
+        generation, digest = d.up.pipeline.generation, d.policy.digest
     log.info("policy_diff", candidate=p.source, connections=result["connections"],
              changed=result["changed"], breaking=result["breaking"])
     return {"generation": generation, "digest": digest, "candidate_digest": policy.digest,
@@ -899,7 +912,7 @@ async def policy_apply(ctx: Ctx, p: PolicyApplyParams) -> dict[str, Any]:
         result = live.result(p.limit)
     log.info("policy_applied", candidate=p.source, saved=p.save, changed=result["changed"],
              breaking=result["breaking"], forced=not p.if_no_breaks)
-    return {"applied": True, "saved": p.save, "generation": d.pipeline.generation,
+    return {"applied": True, "saved": p.save, "generation": d.up.pipeline.generation,
             "digest": policy.digest, "what_if": result,
             "revalidation": {k: getattr(stats, k) for k in ("checked", "unchanged", "updated",
                                                             "replaced")}}

@@ -19,13 +19,16 @@ import contextlib
 import math
 import time
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 import trio
 
 from appliance import __version__
-from appliance.daemon.methods import counter_snapshot
+from appliance.daemon.methods import counter_snapshot, slowpath_stats
+
+if TYPE_CHECKING:
+    from appliance.daemon.app import Daemon
 
 log = structlog.get_logger(__name__)
 
@@ -82,10 +85,11 @@ class _Exposition:
         return "\n".join(self.lines) + "\n"
 
 
-async def render(daemon: Any) -> str:
+async def render(daemon: Daemon) -> str:
     """The whole exposition for one scrape."""
     rules, ports = await counter_snapshot(daemon, sync=False)  # the ager's last fold
-    pipeline = daemon.pipeline
+    pipeline = daemon.up.pipeline
+    sp = slowpath_stats(daemon)
     e = _Exposition()
     e.family("appliance_info", "gauge", "Daemon version.", [({"version": __version__}, 1)])
     e.family("appliance_uptime_seconds", "gauge", "Seconds since the daemon started.",
@@ -120,14 +124,14 @@ async def render(daemon: Any) -> str:
              [({}, flows.expired)])
     e.family("appliance_flow_limit_refusals_total", "counter",
              "New connections refused: flow table full.", [({}, flows.refused)])
-    st = daemon.datapath.stats()
+    st = daemon.up.datapath.stats()
     e.family("appliance_nic_entries", "gauge", "Flows in the kernel cache.",
              [({}, st.entries)])
     e.family("appliance_nic_capacity", "gauge", "Kernel cache capacity.", [({}, st.capacity)])
     for field in ("hits", "misses", "evictions", "offloads", "refusals"):
         e.family(f"appliance_nic_{field}_total", "counter", f"Kernel cache {field}.",
                  [({}, getattr(st, field))])
-    fq = daemon.upcall_queue
+    fq = daemon.up.upcall_queue
     e.family("appliance_upcall_queue_depth", "gauge", "Upcalls waiting for the slow path.",
              [({}, fq.depth if fq is not None else 0)])
     e.family("appliance_port_upcall_queue_drops_total", "counter", "Upcalls dropped because "
@@ -135,26 +139,26 @@ async def render(daemon: Any) -> str:
              [({"port": daemon.by_tag.get(t, str(t))}, n)
               for t, n in sorted(fq.drops.items())] if fq is not None else [])
     e.family("appliance_upcall_drops_total", "counter", "Upcalls dropped by the daemon.",
-             [({}, daemon.upcall_drops)])
-    if daemon.reader is not None:
+             [({}, sp.drops)])
+    if daemon.up.reader is not None:
         e.family("appliance_upcalls_received_total", "counter", "Upcalls read from the TAP.",
-                 [({}, daemon.reader.stats.received)])
+                 [({}, daemon.up.reader.stats.received)])
     e.family("appliance_port_upcalls_total", "counter", "Upcalls per port (misses and TCP "
-             "control copies).", [({"port": p}, n) for p, n in sorted(daemon.upcalls.items())])
+             "control copies).", [({"port": p}, n) for p, n in sorted(sp.upcalls.items())])
     e.family("appliance_port_upcall_budget_drops_total", "counter", "New-flow upcalls over the "
              "port's slow-path budget.",
-             [({"port": p}, n) for p, n in sorted(daemon.budget_drops.items())])
+             [({"port": p}, n) for p, n in sorted(sp.budget_drops.items())])
     e.family("appliance_port_upcall_kernel_drops_total", "counter", "Upcalls over the port's "
              "kernel budget, dropped in the kernel, by kind (miss, copy).",
              [({"port": p, "kind": kind}, n[i])
-              for p, n in sorted(daemon.datapath.port_upcall_drops().items())
+              for p, n in sorted(daemon.up.datapath.port_upcall_drops().items())
               for i, kind in enumerate(("miss", "copy"))])
     e.family("appliance_internal_errors_total", "counter", "Unexpected exceptions caught at a "
              "unit-of-work boundary (a bug: each cost one packet or request, never the switch).",
              [({"where": w}, n) for w, n in sorted(daemon.faults.items())])
     e.family("appliance_events_dropped_total", "counter", "Operator events dropped (slow "
              "subscribers).", [({}, daemon.events.dropped)])
-    h = daemon.setup_latency
+    h = sp.setup_latency
     name = "appliance_flow_setup_seconds"
     e.lines.append(f"# HELP {name} Upcall batch read to slow-path decision.")
     e.lines.append(f"# TYPE {name} histogram")
@@ -201,7 +205,7 @@ def _response(status: str, body: str, content_type: str = "text/plain; charset=u
 class MetricsServer:
     """``run`` serves until cancelled."""
 
-    def __init__(self, daemon: Any, address: str) -> None:
+    def __init__(self, daemon: Daemon, address: str) -> None:
         self.daemon = daemon
         self.address = address
         self.host, self.port = parse_address(address)

@@ -59,7 +59,7 @@ class LruPolicy:
         self._order.move_to_end(key)
 
     def admit(self, key: Hashable, resident: int, capacity: int) -> list[Hashable] | None:
-        victims = []
+        victims: list[Hashable] = []
         while resident - len(victims) >= capacity and self._order:
             victims.append(self._order.popitem(last=False)[0])
         self._order[key] = None
@@ -86,7 +86,7 @@ class RandomPolicy:
         pass
 
     def admit(self, key: Hashable, resident: int, capacity: int) -> list[Hashable] | None:
-        victims = []
+        victims: list[Hashable] = []
         while resident - len(victims) >= capacity and self._keys:
             victim = self._keys[self._rng.randrange(len(self._keys))]
             self.forget(victim)

@@ -18,7 +18,7 @@ import errno
 import os
 import threading
 from collections.abc import Iterator
-from typing import Final
+from typing import Any, Final
 
 LIBBPF_NAME: Final = "libbpf.so.1"
 BPFFS: Final = "/sys/fs/bpf"
@@ -99,12 +99,13 @@ def take_log() -> str:
     return text
 
 
-_PTR_FUNCS: Final = {
+ENOTSUPP: Final = 524  # the kernel's internal "not supported" (not in errno)
+_PTR_FUNCS: Final[dict[str, list[Any]]] = {
     "bpf_object__open_file": [ctypes.c_char_p, ctypes.c_void_p],
     "bpf_object__find_program_by_name": [ctypes.c_void_p, ctypes.c_char_p],
     "bpf_object__find_map_by_name": [ctypes.c_void_p, ctypes.c_char_p],
 }
-_INT_FUNCS: Final = {
+_INT_FUNCS: Final[dict[str, list[Any]]] = {
     "bpf_object__load": [ctypes.c_void_p],
     "bpf_program__fd": [ctypes.c_void_p],
     "bpf_map__fd": [ctypes.c_void_p],
@@ -236,7 +237,7 @@ class Map:
                                               kbuf, vbuf, ctypes.byref(count), ctypes.byref(opts))
             n = count.value
             if rc < 0 and rc != -errno.ENOENT:
-                if first and rc in (-errno.EINVAL, -errno.ENOTSUPP, -errno.EOPNOTSUPP):
+                if first and rc in (-errno.EINVAL, -ENOTSUPP, -errno.EOPNOTSUPP):
                     return self._items_slow()
                 check(rc, f"lookup_batch {self.name}")
             keys.append(kbuf.raw[: n * self.key_size])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import uuid
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -157,7 +157,7 @@ class ProgramProbe:
         packets, nbytes, last = COUNTERS.unpack(after)
         return packets == 1 and nbytes == len(frame) and last > 0
 
-    def _nat(self, proto: int, **changes: int) -> bool:
+    def _nat(self, proto: int, **changes: Any) -> bool:
         frame = self._frame(proto)
         rv, out, _ = self._run(frame, CompiledActions("x", **changes))
         h = pk.parse(out)

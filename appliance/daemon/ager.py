@@ -1,0 +1,100 @@
+"""The ager's task: kernel counters -> flows, revalidation leftovers, idle expiry.
+
+Kernel hits never reach the daemon, so every `sweep_interval` the ager reads the datapath's
+per-flow counters (on a worker thread: bpf(2) only) and folds them into the flows
+(`appliance.flows.fold_kernel_counters`) `SYNC_CHUNK` entries at a time, yielding in between,
+so even a 100k-flow table never holds up a first packet for more than a ms or so; then it
+finishes revalidation a reload left, then expires idle connections. Each step is isolated: a
+fault in one is recorded and the next sweep runs. Operators and metrics share the fold.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Final
+
+import structlog
+import trio
+
+from appliance.datapath.base import KernelDatapath
+from appliance.faults import Fault
+from appliance.flows import fold_kernel_counters
+from appliance.pipeline import Pipeline
+from appliance.revalidation import RevalidationStats
+
+log = structlog.get_logger(__name__)
+
+REVALIDATE_CHUNK: Final = 5000  # connections revalidated between yields to other tasks
+SYNC_CHUNK: Final = 1000  # flows folded between yields to other tasks (~1 ms of work)
+
+
+class Ager:
+    """Counter folding, revalidation sweeps and expiry for one daemon."""
+
+    def __init__(self, pipeline: Pipeline, datapath: KernelDatapath, *, interval: float,
+                 record_fault: Callable[..., Fault]) -> None:
+        self.pipeline = pipeline
+        self.datapath = datapath
+        self.interval = interval
+        self._record_fault = record_fault
+        self._sync_lock = trio.Lock()  # one counter fold at a time (ager, IPC, metrics)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(self.interval)
+            # each step isolated: a fault in one sweep is logged, the next sweep runs
+            for step in (self.sync_counters, self.revalidate_all, self.expire):
+                try:
+                    await step()
+                except Exception as exc:
+                    self._record_fault("sweep", exc)
+
+    async def expire(self) -> None:
+        expired = self.pipeline.age(time.monotonic_ns())
+        if expired:
+            log.debug("flows_expired", connections=len(expired))
+
+    async def sync_counters(self) -> None:
+        """Fold the datapath's per-flow counters into the flows (see the module docstring).
+
+        One fold at a time: a fold of an older read after a newer one would take the
+        counters for a fresh entry and count them twice. A caller that finds a fold running
+        waits for it and uses its result."""
+        if self._sync_lock.locked():
+            async with self._sync_lock:
+                return
+        async with self._sync_lock:
+            kb, vb, n = await trio.to_thread.run_sync(self.datapath.counter_blobs)
+            for start in range(0, n, SYNC_CHUNK):
+                try:
+                    self.fold(kb, vb, start, min(n, start + SYNC_CHUNK))
+                except Exception as exc:  # one bad chunk: the next sweep folds it again
+                    self._record_fault("sweep", exc)
+                await trio.sleep(0)
+
+    def fold(self, kb: bytes, vb: bytes, start: int, stop: int) -> None:
+        """Entries ``start..stop`` of a counter read into their flows."""
+        datapath = self.datapath
+        flows = self.pipeline.flows
+        lookup = flows.get
+        for raw, (packets, nbytes, last_ns) in datapath.decode_counters(kb, vb, start, stop):
+            key = datapath.flow_key_of(raw)
+            flow = lookup(key) if key is not None else None
+            if flow is None or not flow.offloaded:
+                continue
+            new = fold_kernel_counters(flows, flow, packets, nbytes, last_ns)
+            if new > 0:
+                datapath.used(flow, new)
+
+    async def revalidate_all(self) -> RevalidationStats:
+        """Revalidate every stale connection now, yielding to other tasks between chunks."""
+        total = RevalidationStats()
+        while True:
+            stats = self.pipeline.revalidate(time.monotonic_ns(), limit=REVALIDATE_CHUNK)
+            for name in ("checked", "unchanged", "updated", "replaced"):
+                setattr(total, name, getattr(total, name) + getattr(stats, name))
+            if not stats.remaining:
+                return total
+            await trio.sleep(0)
