@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-INTERNAL_ERROR: Final = "internal_error"
+from appliance.outcomes import DropReason
+
+INTERNAL_ERROR: Final = DropReason.INTERNAL_ERROR
 _PACKAGE_DIR: Final = str(Path(__file__).resolve().parent)
 
 

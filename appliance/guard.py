@@ -29,13 +29,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 from appliance.model import IPV4_BASE, IPV4_TAG, Port
+from appliance.outcomes import DropReason
 
 if TYPE_CHECKING:
     from appliance.packet import Headers
 
-MAPPED_ADDRESS: Final = "mapped_address"
-MARTIAN_SOURCE: Final = "martian_source"
-MARTIAN_DESTINATION: Final = "martian_destination"
+MAPPED_ADDRESS: Final = DropReason.MAPPED_ADDRESS
+MARTIAN_SOURCE: Final = DropReason.MARTIAN_SOURCE
+MARTIAN_DESTINATION: Final = DropReason.MARTIAN_DESTINATION
 
 _V6_LOOPBACK: Final = 1
 _V6_UNSPECIFIED: Final = 0
@@ -110,7 +111,7 @@ def address_problem(src: int | None, dst: int | None) -> str | None:
     return None
 
 
-MARTIAN_TARGET: Final = "martian_target"
+MARTIAN_TARGET: Final = DropReason.MARTIAN_TARGET
 
 
 def target_problem(target: int) -> str | None:
@@ -135,9 +136,9 @@ def target_problem(target: int) -> str | None:
 
 # --- port security (a port is who its policy says) --------------------------------------------
 
-SPOOFED_MAC: Final = "spoofed_mac"
-SPOOFED_SOURCE: Final = "spoofed_source"
-VLAN_NOT_ALLOWED: Final = "vlan_not_allowed"
+SPOOFED_MAC: Final = DropReason.SPOOFED_MAC
+SPOOFED_SOURCE: Final = DropReason.SPOOFED_SOURCE
+VLAN_NOT_ALLOWED: Final = DropReason.VLAN_NOT_ALLOWED
 
 
 def port_problem(port: Port, h: Headers, *, check_mac: bool = True) -> str | None:

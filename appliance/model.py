@@ -39,6 +39,8 @@ FIELDS: Final = (
     "vni",
 )
 
+FIELD_INDEX: Final = {name: i for i, name in enumerate(FIELDS)}  # position in a lookup tuple
+
 # Widths in bits of each field's integer space (used by classifiers and generators).
 FIELD_BITS: Final = {
     "src": 129,

@@ -13,6 +13,7 @@ from typing import Final
 
 from appliance import guard
 from appliance import packet as pk
+from appliance.outcomes import DropReason
 from appliance.translate import Translator
 
 ND_NS: Final = 135
@@ -45,26 +46,26 @@ class NeighborProxy:
 
     def arp(self, frame: bytes, h: pk.Headers, ingress: str) -> tuple[str | None, bytes | None]:
         if not self._known(ingress):
-            return "unknown_port", None
+            return DropReason.UNKNOWN_PORT, None
         if h.arp_op != 1 or h.arp_tpa is None:
-            return "arp_not_request", None
+            return DropReason.ARP_NOT_REQUEST, None
         problem = guard.target_problem(h.arp_tpa)
         if problem is not None:
             return problem, None
         mac = self._answer_mac(h.arp_tpa, ingress)
         if mac is None:
-            return "arp_not_ours", None
+            return DropReason.ARP_NOT_OURS, None
         return None, pk.build_arp_reply(frame, h, mac)
 
     def nd(self, frame: bytes, h: pk.Headers, ingress: str) -> tuple[str | None, bytes | None]:
         if not self._known(ingress):
-            return "unknown_port", None
+            return DropReason.UNKNOWN_PORT, None
         if h.icmp_type != ND_NS or h.nd_target is None:
-            return "nd_not_solicit", None
+            return DropReason.ND_NOT_SOLICIT, None
         problem = guard.target_problem(h.nd_target) or guard.address_problem(h.src, h.dst)
         if problem is not None:
             return problem, None
         mac = self._answer_mac(h.nd_target, ingress)
         if mac is None:
-            return "nd_not_ours", None
+            return DropReason.ND_NOT_OURS, None
         return None, pk.build_neighbor_advert(frame, h, mac)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from appliance.model import IPV4_BASE, is_ipv4
+from appliance.outcomes import DropReason
 
 # --- protocol numbers -------------------------------------------------------------------------
 
@@ -93,16 +94,16 @@ ICMPV6_QUOTE_MAX: Final = 1280 - 40 - 8  # RFC 4443: the error fits in the minim
 
 # --- drop reasons -----------------------------------------------------------------------------
 
-TRUNCATED_ETH: Final = "truncated_eth"
-MALFORMED_VLAN: Final = "malformed_vlan"
-MALFORMED_IPV4: Final = "malformed_ipv4"
-MALFORMED_IPV6: Final = "malformed_ipv6"
-MALFORMED_TCP: Final = "malformed_tcp"
-MALFORMED_UDP: Final = "malformed_udp"
-MALFORMED_ICMP: Final = "malformed_icmp"
-MALFORMED_ICMPV6: Final = "malformed_icmpv6"
-MALFORMED_ARP: Final = "malformed_arp"
-MALFORMED_VXLAN: Final = "malformed_vxlan"
+TRUNCATED_ETH: Final = DropReason.TRUNCATED_ETH
+MALFORMED_VLAN: Final = DropReason.MALFORMED_VLAN
+MALFORMED_IPV4: Final = DropReason.MALFORMED_IPV4
+MALFORMED_IPV6: Final = DropReason.MALFORMED_IPV6
+MALFORMED_TCP: Final = DropReason.MALFORMED_TCP
+MALFORMED_UDP: Final = DropReason.MALFORMED_UDP
+MALFORMED_ICMP: Final = DropReason.MALFORMED_ICMP
+MALFORMED_ICMPV6: Final = DropReason.MALFORMED_ICMPV6
+MALFORMED_ARP: Final = DropReason.MALFORMED_ARP
+MALFORMED_VXLAN: Final = DropReason.MALFORMED_VXLAN
 DROP_REASONS: Final = frozenset(
     {
         TRUNCATED_ETH,
@@ -530,6 +531,16 @@ _ECHO_TYPES: Final = {
     PROTO_ICMPV6: (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY),
 }
 
+
+# Positions in a flow key ``(vlan, proto, src, sport, dst, dport, tun)``: a key is a plain tuple
+# (it is built for every packet and stored for every flow: no object overhead), read by name.
+K_VLAN: Final = 0
+K_PROTO: Final = 1
+K_SRC: Final = 2
+K_SPORT: Final = 3
+K_DST: Final = 4
+K_DPORT: Final = 5
+K_TUN: Final = 6
 
 # An ICMP key's port pair says which kind of message it is, so no kind can ride another's flow:
 # echo request (id, ICMP_ECHO), echo reply (ICMP_ECHO, id) -- a reply is the reverse key of its

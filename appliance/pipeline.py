@@ -46,6 +46,7 @@ from appliance.flows import (
 from appliance.fragments import FragmentTable
 from appliance.model import Direction, Policy, is_ipv4
 from appliance.neighbors import ND_TYPES, NeighborProxy
+from appliance.outcomes import DropReason, Path, Verdict
 from appliance.policydiff import PolicyDiff
 from appliance.related import reply_flow_of, translate_error
 from appliance.revalidation import RevalidationStats, Revalidator
@@ -62,8 +63,8 @@ class Result:
     """What happened to one packet; the trace tool prints it, the daemon acts on it."""
 
     ingress: str
-    path: str  # "nic" | "host" | "slow"
-    verdict: str  # "forward" | "drop"
+    path: Path
+    verdict: Verdict
     reason: str | None = None
     port: str | None = None
     direction: Direction | None = None
@@ -187,7 +188,7 @@ class Pipeline:
         except Exception as exc:
             result = self.count_drop(ingress, self.record_fault("process", exc, ingress=ingress,
                                                                 frame=frame))
-        if result.path != "nic":
+        if result.path is not Path.NIC:
             self.datapath.miss()
         return result
 
@@ -205,7 +206,7 @@ class Pipeline:
 
     def count_drop(self, ingress: str, fault: Fault) -> Result:
         """Account the packet a fault cost (reason ``internal_error``, per port)."""
-        return self._drop(ingress, "host", INTERNAL_ERROR, note=fault.traceback)
+        return self._drop(ingress, Path.HOST, INTERNAL_ERROR, note=fault.traceback)
 
     def discard(self, conn: Conn) -> None:
         """Remove a connection whose handling failed; a failure here is recorded, not raised."""
@@ -231,7 +232,7 @@ class Pipeline:
                 if mac is not None and mac != int.from_bytes(frame[6:12]):
                     return self._refuse(ingress, guard.SPOOFED_MAC, key)
                 flags = None
-                if key[1] == 6:
+                if key[pk.K_PROTO] == pk.PROTO_TCP:
                     flags = frame[47] if frame[12] == 0x08 else frame[67]
                     if self._restarts(flow, flags):
                         return self._slow(frame, None, ingress, key, now_ns)
@@ -239,11 +240,11 @@ class Pipeline:
             return self._slow(frame, None, ingress, key, now_ns)
         h = pk.parse(frame)
         if isinstance(h, str):
-            return self._drop(ingress, "host", h)
+            return self._drop(ingress, Path.HOST, h)
         if h.arp_op is not None:
             return self._answer(ingress, *self.neighbors.arp(frame, h, ingress), "arp_reply")
         if h.src is None:
-            return self._drop(ingress, "host", "non_ip")
+            return self._drop(ingress, Path.HOST, DropReason.NON_IP)
         if h.proto == 58 and h.icmp_type in ND_TYPES and h.vni is None:
             return self._answer(ingress, *self.neighbors.nd(frame, h, ingress), "nd_advert")
         if h.frag == 2:
@@ -275,9 +276,9 @@ class Pipeline:
                 note: str) -> Result:
         """The outcome of an ARP/ND request (appliance.neighbors): answered or dropped."""
         if reason is not None:
-            return self._drop(ingress, "host", reason)
-        self.counters.paths["host"] += 1
-        return Result(ingress, "host", "forward", None, out_port=ingress, frame=reply,
+            return self._drop(ingress, Path.HOST, reason)
+        self.counters.paths[Path.HOST] += 1
+        return Result(ingress, Path.HOST, Verdict.FORWARD, None, out_port=ingress, frame=reply,
                       note=note)
 
     def _later_fragment(self, frame: bytes, h: pk.Headers, ingress: str,
@@ -294,11 +295,12 @@ class Pipeline:
         """An ICMP error about a known connection, through its reply flow (appliance.related)."""
         a = reply.actions
         if a.output is None:
-            return self._drop(ingress, "host", a.drop_reason or "deny", flow=reply,
+            return self._drop(ingress, Path.HOST, a.drop_reason or DropReason.DENY, flow=reply,
                               note="related")
         out = translate_error(frame, h, reply, self.translator)
-        self.counters.paths["host"] += 1
-        return Result(ingress, "host", "forward", None, reply.port, reply.direction, a.output,
+        self.counters.paths[Path.HOST] += 1
+        return Result(ingress, Path.HOST, Verdict.FORWARD, None, reply.port, reply.direction,
+                      a.output,
                       out, reply, key=reply.key[1], note="related")
 
     def install_key(self, ingress: str, key: tuple, now_ns: int,
@@ -310,7 +312,8 @@ class Pipeline:
         """
         existing = self.flows.get((ingress, key))
         if existing is not None:
-            return Result(ingress, "host", "forward" if existing.actions.output else "drop",
+            verdict = Verdict.FORWARD if existing.actions.output else Verdict.DROP
+            return Result(ingress, Path.HOST, verdict,
                           existing.actions.drop_reason, existing.port, existing.direction,
                           existing.actions.output, None, existing, key=key)
         return self._slow(None, pk.headers_from_key(key), ingress, key, now_ns,
@@ -328,7 +331,7 @@ class Pipeline:
         flow = self.flows.get((ingress, key))
         if flow is None:
             return True
-        if key[1] != 6:
+        if key[pk.K_PROTO] != pk.PROTO_TCP:
             return False
         flags = frame[47] if frame[12] == 0x08 else frame[67]
         conn = flow.conn
@@ -396,7 +399,7 @@ class Pipeline:
         """Account a frame dropped before it could be parsed (e.g. unsupported link type)."""
         self.counters.packets += 1
         self.datapath.miss()
-        return self._drop(ingress, "host", reason)
+        return self._drop(ingress, Path.HOST, reason)
 
     def _refresh(self, flow: Flow, now_ns: int) -> Flow | None:
         """Revalidate a stale flow's connection before using it (software path)."""
@@ -428,22 +431,23 @@ class Pipeline:
         """
         h = pk.parse(frame)
         if isinstance(h, str):
-            return Result(ingress, "host", "drop", h)
+            return Result(ingress, Path.HOST, Verdict.DROP, h)
         key = pk.flow_key(h)
         if h.src is None or key is None:
-            return Result(ingress, "host", "drop", "non_ip")
+            return Result(ingress, Path.HOST, Verdict.DROP, DropReason.NON_IP)
         problem = guard.packet_problem(h)
         if problem is not None:
-            return Result(ingress, "host", "drop", problem, key=key)
+            return Result(ingress, Path.HOST, Verdict.DROP, problem, key=key)
         flow = self.flows.get((ingress, key))
         if flow is not None:
             a = flow.actions
-            return Result(ingress, "nic" if flow.offloaded else "host",
-                          "forward" if a.output else "drop", a.drop_reason, flow.port,
+            return Result(ingress, Path.NIC if flow.offloaded else Path.HOST,
+                          Verdict.FORWARD if a.output else Verdict.DROP, a.drop_reason, flow.port,
                           flow.direction, a.output, None, flow, flow.steps, key)
         d = self.translator.evaluate(h, ingress, key, pair=True)
         a = d.actions
-        verdict = "forward" if a.output is not None and d.conflict is None else "drop"
+        verdict = (Verdict.FORWARD if a.output is not None and d.conflict is None
+                   else Verdict.DROP)
         probe = Flow((ingress, key), d.port or "-", d.direction, a, d.steps)
         if d.rkey is not None and d.ractions is not None:
             rev = Flow(d.rkey, d.rport or "-", d.rdirection or d.direction, d.ractions,
@@ -451,7 +455,7 @@ class Pipeline:
             probe.conn = rev.conn = Conn(probe, rev, None, self.generation, 0, 0)
         else:
             probe.conn = Conn(probe, None, None, self.generation, 0, 0)
-        return Result(ingress, "slow", verdict, d.conflict or a.drop_reason, d.port,
+        return Result(ingress, Path.SLOW, verdict, d.conflict or a.drop_reason, d.port,
                       d.direction, a.output, None, probe, d.steps, key)
 
     # ------------------------------------------------------------- admission
@@ -464,7 +468,7 @@ class Pipeline:
         problem = guard.packet_problem(h)
         if problem is None:
             if guard.link_local(h) or (h.inner is not None and guard.link_local(h.inner)):
-                return "link_local"
+                return DropReason.LINK_LOCAL
             ctx = self.translator.ports.get(ingress)
             if ctx is not None:
                 problem = guard.port_problem(ctx.port, h, check_mac=check_mac)
@@ -473,19 +477,19 @@ class Pipeline:
     def _refuse(self, ingress: str, reason: str, key: tuple | None) -> Result:
         """Drop a frame `admit` refused: no flow, counted per port."""
         sender = ingress in self.translator.ports
-        return self._drop(ingress, "host", reason, key=key, port=ingress if sender else None,
+        return self._drop(ingress, Path.HOST, reason, key=key, port=ingress if sender else None,
                           direction=Direction.OUT if sender else Direction.IN)
 
-    def _drop(self, ingress: str, path: str, reason: str, **kw) -> Result:
+    def _drop(self, ingress: str, path: Path, reason: str, **kw) -> Result:
         self.counters.drops[reason] += 1
         self.counters.port_drops[(ingress, reason)] += 1
         self.counters.paths[path] += 1
-        return Result(ingress, path, "drop", reason, **kw)
+        return Result(ingress, path, Verdict.DROP, reason, **kw)
 
     # ------------------------------------------------------------- execution
 
     def _run(self, flow: Flow, frame: bytes, h: pk.Headers | None, ingress: str, now_ns: int,
-             tcp_flags: int | None, path: str | None = None, steps: tuple = (),
+             tcp_flags: int | None, path: Path | None = None, steps: tuple = (),
              offload: str | None = None, note: str | None = None) -> Result:
         """Execute a flow's compiled actions on one packet (NIC hit or host flow hit).
 
@@ -494,29 +498,30 @@ class Pipeline:
         length = len(frame)
         if path is None:
             if flow.offloaded and self.datapath.hit(flow, length, now_ns):
-                path = "nic"
+                path = Path.NIC
             else:
-                path = "host"
+                path = Path.HOST
                 if flow.nic_refused is None and not flow.offloaded:
                     self.offload(flow, now_ns)
         self.flows.touch(flow, length, now_ns, tcp_flags)
         a = flow.actions
         if a.output is None:
-            return self._drop(ingress, path, a.drop_reason or "deny", port=flow.port,
+            return self._drop(ingress, path, a.drop_reason or DropReason.DENY, port=flow.port,
                               direction=flow.direction, flow=flow, key=flow.key[1],
                               steps=steps, offload=offload, note=note)
         for m in a.meters:
             if not m.admit(length, now_ns):
-                return self._drop(ingress, path, "meter", port=flow.port,
+                return self._drop(ingress, path, DropReason.METER, port=flow.port,
                                   direction=flow.direction, flow=flow, key=flow.key[1],
                                   steps=steps, offload=offload, note=note)
         if a.encap is not None and not pk.vxlan_fits(length, is_ipv4(a.encap.local)):
-            return self._drop(ingress, path, "encap_too_big", port=flow.port,
+            return self._drop(ingress, path, DropReason.ENCAP_TOO_BIG, port=flow.port,
                               direction=flow.direction, flow=flow, key=flow.key[1],
                               steps=steps, offload=offload, note=note)
         out = self._execute(a, frame, h) if a.touches_frame else frame
         self.counters.paths[path] += 1
-        return Result(ingress, path, "forward", None, flow.port, flow.direction, a.output, out,
+        return Result(ingress, path, Verdict.FORWARD, None, flow.port, flow.direction, a.output,
+                      out,
                       flow, steps, flow.key[1], offload, note)
 
     @staticmethod
@@ -569,7 +574,7 @@ class Pipeline:
         if h is None:
             h = pk.parse_known(frame)  # type: ignore[arg-type]
         if key is None:  # e.g. a tunnel whose inner frame is not IP: nothing to key a flow on
-            return self._drop(ingress, "host", "non_ip")
+            return self._drop(ingress, Path.HOST, DropReason.NON_IP)
         problem = self.admit(h, ingress, check_mac=check_mac)
         if problem is not None:
             return self._refuse(ingress, problem, key)
@@ -579,12 +584,12 @@ class Pipeline:
                 self._make_room(now_ns, flows.heaviest())
                 if not flows.has_room(2):
                     flows.refused += 1
-                    return self._drop(ingress, "slow", "flow_limit", key=key)
+                    return self._drop(ingress, Path.SLOW, DropReason.FLOW_LIMIT, key=key)
             if not flows.port_has_room(ingress, 2):
                 self._make_room(now_ns, ingress)
                 if not flows.port_has_room(ingress, 2):
                     flows.refused += 1
-                    return self._drop(ingress, "slow", "port_flow_limit", key=key)
+                    return self._drop(ingress, Path.SLOW, DropReason.PORT_FLOW_LIMIT, key=key)
         d = None
         tkey = template_key(h, ingress) if create and prefer_sport is None else None
         if tkey is not None:
@@ -596,17 +601,18 @@ class Pipeline:
                 self.templates.remember(tkey, h.sport, d)  # type: ignore[arg-type]
         actions, steps = d.actions, d.steps
         if d.conflict is not None:
-            return self._drop(ingress, "slow", d.conflict, port=d.port, direction=d.direction,
+            return self._drop(ingress, Path.SLOW, d.conflict, port=d.port, direction=d.direction,
                               steps=steps, key=key)
         if not create or d.port is None:
             if actions.output is None:
-                return self._drop(ingress, "slow", actions.drop_reason or "deny", port=d.port,
+                return self._drop(ingress, Path.SLOW, actions.drop_reason or DropReason.DENY,
+                                  port=d.port,
                                   direction=d.direction, steps=steps, key=key)
             out = frame
             if actions.touches_frame and frame is not None:
                 out = self._execute(actions, frame, h)
-            self.counters.paths["slow"] += 1
-            return Result(ingress, "slow", "forward", None, d.port, d.direction,
+            self.counters.paths[Path.SLOW] += 1
+            return Result(ingress, Path.SLOW, Verdict.FORWARD, None, d.port, d.direction,
                           actions.output, out, None, steps, key)
         fwd, rev = self.install(d, ingress, key, h, now_ns)
         offload = self.offload(fwd, now_ns)
@@ -615,11 +621,11 @@ class Pipeline:
         if h.frag == 1:
             self.fragments.remember(h, ingress, fwd, now_ns)
         if frame is None:  # installing from a key (adopt, revalidate): no packet to run
-            return Result(ingress, "slow", "forward" if actions.output else "drop",
+            return Result(ingress, Path.SLOW, Verdict.FORWARD if actions.output else Verdict.DROP,
                           actions.drop_reason, d.port, d.direction, actions.output, None, fwd,
                           steps, key, offload)
         flags = h.inner.tcp_flags if h.inner is not None else h.tcp_flags
-        return self._run(fwd, frame, h, ingress, now_ns, flags, path="slow", steps=steps,
+        return self._run(fwd, frame, h, ingress, now_ns, flags, path=Path.SLOW, steps=steps,
                          offload=offload)
 
     # ----------------------------------------------------- install, offload

@@ -16,6 +16,7 @@ from appliance.capture import Capture, CapturedPacket, to_ethernet
 from appliance.datapath.sim import SimNic
 from appliance.faults import INTERNAL_ERROR
 from appliance.model import IPV4_BASE, Direction, Policy
+from appliance.outcomes import DropReason
 from appliance.pipeline import Pipeline, Result
 from appliance.timeouts import Timeouts
 
@@ -101,7 +102,7 @@ class Replayer:
                     frame = cp.data if cp.linktype == LINKTYPE_ETHERNET else to_ethernet(
                         cp.linktype, cp.data)
                     if frame is None:
-                        result = self.pipeline.reject("-", "unsupported_linktype")
+                        result = self.pipeline.reject("-", DropReason.UNSUPPORTED_LINKTYPE)
                     else:
                         result = process(frame, ingress_for(frame), cp.ts_ns)
                 except Exception as exc:  # a bug outside the pipeline: this packet only

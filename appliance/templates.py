@@ -16,10 +16,12 @@ from typing import Final
 
 from appliance import packet as pk
 from appliance.flows import Conn, FlowTable, LayerStep, lone_drop
-from appliance.model import Direction, Policy
+from appliance.model import FIELD_INDEX, Direction, Policy
 from appliance.translate import Decision
 
 TEMPLATE_CACHE: Final = 4096  # decision templates kept (cleared when full)
+_SRC_PORT: Final = FIELD_INDEX["src_port"]  # in a classifier lookup tuple
+_DST_PORT: Final = FIELD_INDEX["dst_port"]
 
 
 def template_key(h: pk.Headers, ingress: str) -> tuple | None:
@@ -72,8 +74,9 @@ class Templates:
         if taken is not None and not lone_drop(taken) and (own is None or taken.conn is not own):
             return None  # a collision: the full walk knows how to pick another port
         self.hits += 1
-        return Decision(d.actions, _with_port(d.steps, 2, sport), d.port, d.direction,
-                        d.output, rkey, d.ractions, _with_port(d.rsteps, 3, sport), d.rport,
+        return Decision(d.actions, _with_port(d.steps, _SRC_PORT, sport), d.port, d.direction,
+                        d.output, rkey, d.ractions, _with_port(d.rsteps, _DST_PORT, sport),
+                        d.rport,
                         d.rdirection)
 
     def remember(self, tkey: tuple, sport: int, d: Decision) -> None:
@@ -81,7 +84,7 @@ class Templates:
         a = d.actions
         if (d.conflict is not None or a.output is None or d.rkey is None or d.ractions is None
                 or a.encap is not None or a.sport is not None or a.icmp_id is not None
-                or d.rkey[1][5] != sport):
+                or d.rkey[1][pk.K_DPORT] != sport):
             return
         uses = self._port_fields
         if any(st.values is not None and "src_port" in uses.get((st.layer, st.direction), ())

@@ -44,6 +44,7 @@ from appliance.model import (
     is_ipv4,
 )
 from appliance.natports import PREFERRED_SPORT, SNAT_PORT_TRIES, next_snat_port
+from appliance.outcomes import DropReason
 
 ICMP_ECHO_REPLY: Final = {8: 0, 128: 129, 0: 8, 129: 128}
 
@@ -272,7 +273,7 @@ class Translator:
                action: Action, snat_ports: dict[int, int]) -> None:
         h = w.h
         if isinstance(action, Deny):
-            w.drop_reason = "deny"
+            w.drop_reason = DropReason.DENY
             return
         if isinstance(action, Allow):
             return
@@ -283,7 +284,7 @@ class Translator:
             w.meters.append(self._meters.get(port, layer, direction, rule, action))
         elif isinstance(action, Snat | Dnat):
             if h.src is None or is_ipv4(action.ip) != is_ipv4(h.src):
-                w.drop_reason = "nat_family"
+                w.drop_reason = DropReason.NAT_FAMILY
                 return
             h = _clone(h)
             if isinstance(action, Snat):
@@ -303,10 +304,10 @@ class Translator:
             w.h = h
         elif isinstance(action, Encap):
             if h.inner is not None:
-                w.drop_reason = "encap_nested"
+                w.drop_reason = DropReason.ENCAP_NESTED
                 return
             if is_ipv4(action.local) != is_ipv4(action.remote):
-                w.drop_reason = "encap_family"
+                w.drop_reason = DropReason.ENCAP_FAMILY
                 return
             w.h = pk.Headers(
                 src_mac=action.src_mac if action.src_mac is not None else h.src_mac,
@@ -344,19 +345,19 @@ class Translator:
         w = Walk([], h0)
         t = h0.inner if h0.inner is not None else h0
         if t.dst is not None and guard.link_local_scope(t.dst):
-            w.drop_reason = "link_local"  # a router never forwards these (RS, MLD, DHCP...)
+            w.drop_reason = DropReason.LINK_LOCAL  # no router forwards these (RS, MLD, DHCP)
             return w, self.ports.get(ingress), Direction.OUT, None
         if ingress == self.uplink:
             ctx = self.select_port(h0)
             if ctx is None:
-                w.drop_reason = "no_port"
+                w.drop_reason = DropReason.NO_PORT
                 return w, None, Direction.IN, None
             self._walk_port(w, ctx, Direction.IN, snat_ports)
             check_delivery(w, ctx)
             return w, ctx, Direction.IN, ctx.port.name
         ctx = self.ports.get(ingress)
         if ctx is None:
-            w.drop_reason = "unknown_port"
+            w.drop_reason = DropReason.UNKNOWN_PORT
             return w, None, Direction.OUT, None
         self._walk_port(w, ctx, Direction.OUT, snat_ports)
         if w.drop_reason is not None:
@@ -456,7 +457,7 @@ class Translator:
             snat = next((st.action for st in w.steps if isinstance(st.action, Snat)), None)
             if snat is None or snat.port is not None or not next_snat_port(
                     snat, h, snat_ports):
-                d.conflict = "nat_exhausted" if snat else "flow_collision"
+                d.conflict = DropReason.NAT_EXHAUSTED if snat else DropReason.FLOW_COLLISION
                 return d
-        d.conflict = "nat_exhausted"
+        d.conflict = DropReason.NAT_EXHAUSTED
         return d

@@ -6,7 +6,7 @@ Topology (one per module, torn down always)::
     vm2 eth0 ── p2 ├─ hv: TcDatapath on ingress of p1, p2, up0, tapx; upcall TAP "aplup"
     ext eth0 ── up0┘      tapx: a TAP port owned by the test (a hop that completes checksums)
 
-Checksums are proven two ways (KERNEL.md pitfall 3): frames sent raw with full checksums are
+Checksums are proven two ways (docs/KERNEL.md pitfall 3): frames sent raw with full checksums are
 checked by the receiving kernel (a UDP socket only gets datagrams whose checksum is right; a
 TCP listener answers a SYN only if its checksum is right), and socket-sent frames (checksum
 offloaded, CHECKSUM_PARTIAL) are redirected to a TAP, whose transmit path completes the

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 SRC=appliance/datapath/bpf/flowcache.bpf.c
 OUT=appliance/datapath/bpf/flowcache.bpf.o
-# The uapi headers include <asm/types.h>, which lives in the multiarch directory (KERNEL.md).
+# The uapi headers include <asm/types.h>, which lives in the multiarch directory (docs/KERNEL.md).
 MULTIARCH=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo "$(uname -m)-linux-gnu")
 CLANG=${CLANG:-clang}
 

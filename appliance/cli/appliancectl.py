@@ -35,6 +35,7 @@ from rich.table import Table
 
 from appliance.ipcproto import DEFAULT_SOCKET, Client, ConnectionFailed, IpcError
 from appliance.keyfmt import dict_text
+from appliance.outcomes import DropReason
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                         add_help=False)
     rp.add_argument("rest", nargs=argparse.REMAINDER)
     sub.add_parser("help", help="list commands")
+    sub.add_parser("reasons", help="every drop reason the switch counts (offline)")
     return p
 
 
@@ -751,6 +753,10 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
         return trace.main(args.rest)
     if args.command == "trace" and args.policy is not None:
         return offline_trace(args, console)
+    if args.command == "reasons":
+        reasons = [str(r) for r in DropReason]
+        print(json.dumps(reasons) if args.json else "\n".join(reasons))
+        return EXIT_OK
     if args.command == "help":
         print_help(console)
         return EXIT_OK

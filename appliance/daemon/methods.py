@@ -214,13 +214,13 @@ class FlowFilter(Params):
             conds.append(in_net)
         if self.l4_port is not None:
             n = self.l4_port
-            conds.append(lambda f: n in (f.key[1][3], f.key[1][5]))
+            conds.append(lambda f: n in (f.key[1][pk.K_SPORT], f.key[1][pk.K_DPORT]))
         if self.path is not None:
             want = self.path == "nic"
             conds.append(lambda f: f.offloaded is want)
         if self.proto is not None:
             number = _proto_number(self.proto)
-            conds.append(lambda f: f.key[1][1] == number)
+            conds.append(lambda f: f.key[1][pk.K_PROTO] == number)
         return lambda f: all(c(f) for c in conds)
 
     @property

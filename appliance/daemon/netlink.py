@@ -2,7 +2,7 @@
 
 pyroute2 0.9's IPRoute runs its own asyncio loop and blocks its thread, so this reads a raw
 ``AF_NETLINK`` socket from trio (``wait_readable``) and lets pyroute2 only *parse* the bytes
-(``MarshalRtnl``), as measured in KERNEL.md. A full dump at start and after an overflow
+(``MarshalRtnl``), as measured in docs/KERNEL.md. A full dump at start and after an overflow
 (``ENOBUFS``: the kernel dropped events because we were slow) rebuilds the whole picture; the
 watcher then reports the differences, so consumers only ever see consistent events.
 """

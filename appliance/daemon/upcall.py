@@ -8,7 +8,7 @@ not send it again. Frame format read from the TAP::
 
     [dst mac][src mac][0x8100][tag: 0x800 copy | port tag][original ethertype ...]
 
-The reader always drains the TAP (KERNEL.md: one read per wakeup caps at ~35k pkts/s, a drain
+The reader always drains the TAP (docs/KERNEL.md: one read per wakeup caps at ~35k pkts/s, a drain
 loop at ~180k) into a `FairQueue`: one bounded queue per port, served round-robin by the slow
 path. Reading costs a few microseconds per frame, evaluating tens, so the TAP (whose queue
 all ports share, first come first served) stays empty and a port that floods fills only its

@@ -1,7 +1,7 @@
 """A small ctypes wrapper over libbpf.so.1: load an object, reach its maps and programs.
 
 Why ctypes and not a binding package: the machine has libbpf 1.1 as a system library and the
-project needs a dozen calls. The traps are handled here once (KERNEL.md pitfalls):
+project needs a dozen calls. The traps are handled here once (docs/KERNEL.md pitfalls):
 
 * every libbpf function returning a pointer gets ``restype = c_void_p`` (otherwise the pointer
   is truncated to an int and the next call crashes);

@@ -200,7 +200,7 @@ class TcDatapath:
         ``upcall_pps``/``upcall_burst``: the port's upcall budget, enforced by the program
         (misses and TCP control copies over it are dropped in the kernel; 0: no budget).
         replace-filter with explicit handles: attaching twice (or after a restart) replaces
-        the old programs instead of adding a second copy (KERNEL.md pitfall 5).
+        the old programs instead of adding a second copy (docs/KERNEL.md pitfall 5).
         """
         if not TAG_MIN <= tag <= TAG_MAX:
             raise ValueError(f"tag {tag} outside {TAG_MIN}..{TAG_MAX}")

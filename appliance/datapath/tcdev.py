@@ -74,7 +74,7 @@ def open_upcall_tap(name: str, netns: str | None = None) -> tuple[int, int]:
     """Create TAP ``name`` (IFF_TAP|IFF_NO_PI), non-blocking, up, IPv6 off: ``(fd, ifindex)``.
 
     The TAP lives only while ``fd`` is open. IPv6 is disabled so the host's router
-    solicitations and DAD never appear among the upcalls (KERNEL.md pitfall 4).
+    solicitations and DAD never appear among the upcalls (docs/KERNEL.md pitfall 4).
     """
     def make() -> tuple[int, int]:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -1,7 +1,7 @@
 """The kernel flow cache's map layout, mirrored byte for byte from ``bpf/flowcache.h``.
 
 Keys and values are packed with `struct` (fast) against ctypes mirrors of the C structs whose
-sizes are asserted here (KERNEL.md pitfall 7: the hash compares every byte, padding
+sizes are asserted here (docs/KERNEL.md pitfall 7: the hash compares every byte, padding
 included) and checked against the loaded object's BTF sizes by `appliance.datapath.tc`.
 `encode_key` / `encode_value` turn a flow key and its `CompiledActions` into map entries,
 refusing (`Refused`) what the program cannot do.
@@ -231,7 +231,7 @@ def _mac_fields(a: CompiledActions) -> tuple[int, bytes, bytes, bytes, bytes]:
 def _encap_fields(e: EncapSpec | None, packet_key: tuple) -> tuple[int, bytes, bytes]:
     if e is None:
         return 0, _ZERO16, _ZERO16
-    if packet_key[6] is not None:
+    if packet_key[pk.K_TUN] is not None:
         raise Refused("unsupported:encap_nested")
     if not (is_ipv4(e.local) and is_ipv4(e.remote)):
         raise Refused("unsupported:encap_ipv6")
@@ -245,7 +245,7 @@ def encode_value(out_ifindex: int, a: CompiledActions, packet_key: tuple,
     ``reverse`` marks the reply half of a connection (`FV_REVERSE`, ignored by the program):
     a restarted daemon rebuilds connections from their forward entries only.
     """
-    flags = FV_DECAP if a.decap and packet_key[6] is not None else 0
+    flags = FV_DECAP if a.decap and packet_key[pk.K_TUN] is not None else 0
     if reverse:
         flags |= FV_REVERSE
     flags |= _nat_flags(a, packet_key)

@@ -103,7 +103,7 @@ def children(pid: int) -> list[int]:
 
 
 def signal_all(pid: int, sig: int) -> None:
-    """Signal trafgen's worker processes, then trafgen (KERNEL.md pitfall 6)."""
+    """Signal trafgen's worker processes, then trafgen (docs/KERNEL.md pitfall 6)."""
     for p in [*children(pid), pid]:
         with suppress(ProcessLookupError):
             os.kill(p, sig)

@@ -12,7 +12,7 @@
  *     the frame to the upcall TAP the daemon reads.
  *
  * Being conservative is the rule: a miss costs an upcall, a wrong hit corrupts traffic.
- * Packet bytes are read with bpf_skb_load_bytes (works on non-linear skbs, KERNEL.md pitfall 3)
+ * Packet bytes are read with bpf_skb_load_bytes (works on non-linear skbs, docs/KERNEL.md pitfall 3)
  * and written with the store/csum helpers.
  */
 #include <linux/bpf.h>

@@ -1,7 +1,7 @@
 /* Shared layout of the flow cache maps: mirrored byte for byte by appliance/datapath/tc.py.
  *
  * Every field is naturally aligned and there is no implicit padding, so the Python side can
- * pack keys with struct and the hash compares exactly the bytes it wrote (KERNEL.md pitfall 7).
+ * pack keys with struct and the hash compares exactly the bytes it wrote (docs/KERNEL.md pitfall 7).
  * All integers are in host byte order; addresses are 16 bytes in network order, IPv4 as
  * IPv4-mapped IPv6 (::ffff:a.b.c.d), exactly like appliance.packet.flow_key.
  */
