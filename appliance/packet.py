@@ -684,9 +684,14 @@ def _adjust(csum: int, old: bytes | bytearray, new: bytes | bytearray) -> int:
     return ~s & 0xFFFF
 
 
-def pseudo_header(src: int, dst: int, proto: int, length: int) -> bytes:
-    """TCP/UDP/ICMPv6 pseudo-header for addresses in the 128-bit space (family of ``src``)."""
-    if is_ipv4(src):
+def pseudo_header(src: int, dst: int, proto: int, length: int,
+                  version: int | None = None) -> bytes:
+    """TCP/UDP/ICMPv6 pseudo-header for addresses in the 128-bit space.
+
+    ``version`` is the IP header's; without it the family of ``src`` decides, which is wrong
+    for an IPv6 header carrying an IPv4-mapped address (what a hostile VM can send).
+    """
+    if version == 4 or (version is None and is_ipv4(src)):
         return struct.pack("!IIBBH", src & 0xFFFF_FFFF, dst & 0xFFFF_FFFF, 0, proto, length)
     return src.to_bytes(16, "big") + dst.to_bytes(16, "big") + struct.pack("!IxxxB", length, proto)
 
@@ -729,7 +734,8 @@ def _verify_into(frame: bytes, h: Headers, out: dict[str, bool], prefix: str) ->
             return
     data = frame[l4:end]
     if h.proto != PROTO_ICMP:
-        data = pseudo_header(h.src, h.dst, h.proto, len(data)) + data  # type: ignore[arg-type]
+        data = pseudo_header(h.src, h.dst, h.proto, len(data),  # type: ignore[arg-type]
+                             h.ip_version) + data
     out[prefix + name] = checksum(data) == 0
 
 

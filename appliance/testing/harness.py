@@ -424,6 +424,8 @@ class CaseRunner:
             if r.verdict == "drop":
                 st.reasons[r.reason] += 1
             check_result(op.frame, r, self.ports, self.strict_sources)
+            if r.flow is not None and r.flow.key[1] is None:
+                raise OracleError("flow installed without a flow key (catches all such frames)")
             return r
         if op.kind == "observe":
             st.frames += 1
