@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -121,7 +122,7 @@ class Fuzzer:
         dt = max(time.monotonic() - self.start, 1e-9)
         print(f"fuzz: done: {st.frames:,} frames in {dt:,.1f} s = {st.frames / dt:,.0f} "
               f"frames/s ({st.cases:,} cases, {st.ops:,} ops)")
-        print(f"fuzz: verdicts {dict(st.verdicts)}")
+        print(f"fuzz: verdicts {dict(st.verdicts)}, paths {dict(st.paths)}")
         print("fuzz: drop reasons " + ", ".join(f"{k} {v}" for k, v in st.reasons.most_common()))
         if not st.failures:
             print("fuzz: no failures")
@@ -190,10 +191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"fuzz: mode {mode}, crash dir {args.crash_dir}, strict sources "
           f"{'on' if args.strict_sources else 'off'}", flush=True)
     if atheris is None:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop = print the summary
         i = 0
-        while not fuzzer.done():
-            fuzzer.one_case(frames.RandomSource(args.seed * 1_000_003 + i))
-            i += 1
+        try:
+            while not fuzzer.done():
+                fuzzer.one_case(frames.RandomSource(args.seed * 1_000_003 + i))
+                i += 1
+        except KeyboardInterrupt:
+            print(f"fuzz: interrupted after case {i} (seed {args.seed})")
         return fuzzer.summary()
 
     def test_one_input(data: bytes) -> None:

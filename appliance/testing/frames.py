@@ -237,7 +237,8 @@ def l4_port(s: Source) -> int:
 def pseudo_header(version: int, src: int, dst: int, proto: int, length: int) -> bytes:
     """TCP/UDP/ICMPv6 pseudo-header of an IPv``version`` header (addresses as on the wire)."""
     if version == 4:
-        return struct.pack("!IIBBH", src & 0xFFFF_FFFF, dst & 0xFFFF_FFFF, 0, proto, length)
+        return struct.pack("!IIBBH", src & 0xFFFF_FFFF, dst & 0xFFFF_FFFF, 0, proto,
+                           length & 0xFFFF)
     return (src.to_bytes(16, "big") + dst.to_bytes(16, "big")
             + struct.pack("!IxxxB", length, proto))
 
@@ -265,7 +266,8 @@ def tcp_segment(version: int, src: int, dst: int, sport: int, dport: int, *, fla
 
 def udp_datagram(version: int, src: int, dst: int, sport: int, dport: int,
                  payload: bytes, *, zero_checksum: bool = False) -> bytes:
-    seg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    ulen = (8 + len(payload)) & 0xFFFF  # a 64 KiB payload wraps, as on a hostile wire
+    seg = struct.pack("!HHHH", sport, dport, ulen, 0) + payload
     if zero_checksum:
         return seg
     seg = with_checksum(seg, 6, pseudo_header(version, src, dst, pk.PROTO_UDP, len(seg)))
@@ -368,13 +370,20 @@ def _ipv4_options(s: Source) -> bytes:
     return out[:40]
 
 
+BIG_PAYLOADS: Final = (1372, 1452, 1460, 1472, 1480, 1500, 8952, 8972, 9000, 65000, 65467,
+                       65487, 65507, 65515, 65527)  # around MTUs, jumbo, the IPv4 maximum
+
+
 def _payload(s: Source, limit: int = 64) -> bytes:
-    n = weighted(s, ((4, 0), (6, 1), (2, 2)))
+    """Empty, small, a few times ``limit``, or (rarely) MTU-sized up to the IP maximum."""
+    n = weighted(s, ((4, 0), (6, 1), (2, 2), (1 if chance(s, 10) else 0, 3)))
     if n == 0:
         return b""
     if n == 1:
         return s.bytes(s.int(1, limit))
-    return s.bytes(s.int(limit, 4 * limit))
+    if n == 2:
+        return s.bytes(s.int(limit, 4 * limit))
+    return s.bytes(pick(s, BIG_PAYLOADS))
 
 
 def _icmp_rest(s: Source) -> bytes:
@@ -607,7 +616,7 @@ def fragments(s: Source) -> list[bytes]:
     src = v4_address(s) if version == 4 else v6_address(s)
     dst = v4_address(s) if version == 4 else v6_address(s)
     proto, seg = _l4(s, version, src, dst, MAX_DEPTH)
-    seg += s.bytes(s.int(0, 200))
+    seg = seg[:2048] + s.bytes(s.int(0, 200))  # a few dozen fragments at most
     ident = s.int(0, 0xFFFF if version == 4 else 0xFFFF_FFFF)
     size = pick(s, (8, 16, 24, 64))
     src_mac, dst_mac = mac(s), mac(s)

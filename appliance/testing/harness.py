@@ -287,6 +287,7 @@ class Stats:
     ops: int = 0
     cases: int = 0
     verdicts: Counter = field(default_factory=Counter)
+    paths: Counter = field(default_factory=Counter)  # nic / host / slow
     reasons: Counter = field(default_factory=Counter)
     failures: Counter = field(default_factory=Counter)
 
@@ -296,12 +297,15 @@ def signature_of(exc: BaseException) -> str:
     if isinstance(exc, OracleError):
         text = str(exc)
         return f"OracleError: {text.split(':')[0]}"
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else (
+        f"{kind.__module__}.{kind.__qualname__}")
     frames = traceback.extract_tb(exc.__traceback__)
     inside = [f for f in frames if "/appliance/" in f.filename and "/testing/" not in f.filename]
     where = inside[-1] if inside else (frames[-1] if frames else None)
     loc = f"{where.filename.rsplit('/appliance/', 1)[-1]}:{where.lineno} {where.name}" if where \
         else "?"
-    return f"{type(exc).__name__} at {loc}"
+    return f"{name} at {loc}"
 
 
 def _share_classifiers() -> None:
@@ -335,7 +339,8 @@ def new_pipeline(capacity: int, all_kinds: bool) -> Pipeline:
     kinds = frozenset(ActionKind) if all_kinds else frozenset(
         {ActionKind.ALLOW, ActionKind.DENY, ActionKind.COUNT})
     _share_classifiers()
-    return Pipeline(policies()[0], SimNic(capacity, kinds), max_flows=64)
+    # the smallest NIC comes with a small flow table: full-table ageing and flow_limit too
+    return Pipeline(policies()[0], SimNic(capacity, kinds), max_flows=12 if capacity == 4 else 64)
 
 
 class CaseRunner:
@@ -362,23 +367,28 @@ class CaseRunner:
         p = new_pipeline(*nic)
         ops: list[Op] = []
         sent: list[tuple[str, bytes]] = []  # (out_port, frame) the switch forwarded
+        given: list[Op] = []  # frames given to the switch (for repeats: meters, flow hits)
         failures: list[Failure] = []
         now = START_NS
         for _ in range(s.int(1, MAX_OPS)):
             now += fr.pick(s, TIME_STEPS)
-            op = self._draw(s, now, sent)
-            ops.append(op)
-            try:
-                r = self.apply(p, op)
-            except Exception as exc:  # every exception is a finding
-                failures.append(self._failure(exc, op, ops, nic))
-                continue
-            if r is not None and r.verdict == "forward" and r.frame is not None:
-                sent.append((r.out_port or UPLINK, r.frame))
+            for op in self._draw(s, now, sent, given):
+                ops.append(op)
+                if op.kind == "process":
+                    given.append(op)
+                try:
+                    r = self.apply(p, op)
+                except Exception as exc:  # every exception is a finding
+                    failures.append(self._failure(exc, op, ops, nic))
+                    continue
+                if r is not None and r.verdict == "forward" and r.frame is not None:
+                    sent.append((r.out_port or UPLINK, r.frame))
         return failures
 
-    def _draw(self, s: fr.Source, now: int, sent: list[tuple[str, bytes]]) -> Op:
-        kind = fr.weighted(s, ((50, "hostile"), (14, "clean"), (12, "reply"), (4, "error"),
+    def _draw(self, s: fr.Source, now: int, sent: list[tuple[str, bytes]],
+              given: list[Op]) -> list[Op]:
+        kind = fr.weighted(s, ((44, "hostile"), (14, "clean"), (12, "reply"), (4, "error"),
+                               (8, "repeat"),
                                (4, "fragments"), (3, "resend"), (3, "raw"), (3, "observe"),
                                (1, "explain"), (1, "policy"), (2, "revalidate"), (1, "age")))
         ingress = fr.pick(s, self.ingresses)
@@ -391,25 +401,28 @@ class CaseRunner:
             else:
                 made = fr.mutate(s, frame) if fr.chance(s, 70) else frame
             if made is not None:
-                return Op("process", out_port, now, made)
+                return [Op("process", out_port, now, made)]
+        if kind == "repeat" and given:  # a burst of one flow: meters, cache hits, evictions
+            again = fr.pick(s, given)
+            return [Op("process", again.ingress, now, again.frame)] * fr.pick(s, (1, 2, 8, 30))
         if kind == "fragments":
-            pieces = fr.fragments(s)
-            return Op("process", ingress, now, fr.pick(s, pieces))
+            pieces = fr.fragments(s)  # all of them, in the order they were shuffled into
+            return [Op("process", ingress, now, piece) for piece in pieces[:16]]
         if kind == "raw":
-            return Op("process", ingress, now, s.bytes(s.int(0, 128)))
+            return [Op("process", ingress, now, s.bytes(s.int(0, 128)))]
         if kind == "clean":
-            return Op("process", ingress, now, fr.frame(s))
+            return [Op("process", ingress, now, fr.frame(s))]
         if kind == "observe":
-            return Op("observe", ingress, now, fr.hostile_frame(s))
+            return [Op("observe", ingress, now, fr.hostile_frame(s))]
         if kind == "explain":
-            return Op("explain", ingress, now, fr.hostile_frame(s))
+            return [Op("explain", ingress, now, fr.hostile_frame(s))]
         if kind == "policy":
-            return Op("policy", "", now, b"", s.int(0, len(ALTERNATIVES)))
+            return [Op("policy", "", now, b"", s.int(0, len(ALTERNATIVES)))]
         if kind == "revalidate":
-            return Op("revalidate", "", now, b"", fr.pick(s, (1, 16, 0)))
+            return [Op("revalidate", "", now, b"", fr.pick(s, (1, 16, 0)))]
         if kind == "age":
-            return Op("age", "", now)
-        return Op("process", ingress, now, fr.hostile_frame(s))
+            return [Op("age", "", now)]
+        return [Op("process", ingress, now, fr.hostile_frame(s))]
 
     # ------------------------------------------------------------------- running
 
@@ -421,6 +434,7 @@ class CaseRunner:
             st.frames += 1
             r = p.process(op.frame, op.ingress, op.now_ns)
             st.verdicts[r.verdict] += 1
+            st.paths[r.path] += 1
             if r.verdict == "drop":
                 st.reasons[r.reason] += 1
             check_result(op.frame, r, self.ports, self.strict_sources)
