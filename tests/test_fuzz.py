@@ -250,6 +250,21 @@ FOUND_SEQUENCES: list[tuple[str, tuple[int, bool], list[tuple[str, str, str, int
     # daemon's ager would die with it).
     ("revalidate_keyless_flow", (64, True),
      [("process", "up0", KEYLESS, 0), ("policy", "", "", 2), ("revalidate", "", "", 0)]),
+    # vm1 sends VXLAN over IPv6 from ::ffff:10.0.0.2 with a non-IP inner frame: SNAT applies
+    # (the IPv4 rule matches the mapped source) and the flow pair is installed with no key;
+    # the key-less reply flow (up0, None) then catches an unrelated non-IP VXLAN frame from
+    # the uplink and rewrites its addresses: ValueError in packet._rewrite_ip.
+    ("keyless_reply_flow_rewrites_non_ip", (64, False),
+     [("process", "vm1",
+       "0180c200000002000000000386dd60000000004c114000000000000000000000ffff0a000002ff01000000"
+       "0000000000000000000001e94112b5004cbfbbbe00000000138a00ffffffffffffd909bb8fb15d91000248"
+       "88a80b76080046000020bc5500000011d173f0000001cb00710200000000001900190008d3a756a9332b1f76",
+       0),
+      ("process", "up0",
+       "00000000000002bb00000001080045000086000040004011846aa9fe01010a0000feccbf12b50072000008"
+       "000000ffffff00e23ccadae8a63333ff0000019100099d91001f2f88a804cc86dd6000000000203affbe9f"
+       "83eabf607b44d57fa9023b83aac5ff0200000000000000000001ff83aac587008b5b600000000000000000"
+       "00000000000000000000000201000000000000", 0)]),
 ]
 
 
@@ -262,3 +277,28 @@ def test_regress_fuzz_sequence(nic: tuple[int, bool],
     p = hz.new_pipeline(*nic)
     for i, (kind, ingress, hexframe, arg) in enumerate(steps):
         runner.apply(p, hz.Op(kind, ingress, hz.START_NS + i, bytes.fromhex(hexframe), arg))
+
+
+def _udp_frame(version: int, src: int, dst: int, src_mac: int, size: int) -> bytes:
+    seg = fr.udp_datagram(version, src, dst, 1000, 2000, bytes(size))
+    if version == 4:
+        return fr.ethernet(0x0200000000FE, src_mac, pk.ETHERTYPE_IPV4,
+                           fr.ipv4_header(src, dst, pk.PROTO_UDP, len(seg)) + seg)
+    return fr.ethernet(0x0200000000FE, src_mac, pk.ETHERTYPE_IPV6,
+                       fr.ipv6_header(src, dst, pk.PROTO_UDP, len(seg)) + seg)
+
+
+@pytest.mark.parametrize(("ingress", "frame"), [
+    # found by the fuzzer (frames of 65,521 and 65,569 bytes) and by the shared captures
+    # (tcpdump bgp-aigp-oobr.pcap, bgp-as-path-oobr.pcap, pim-packet-assortment.pcap): a frame
+    # whose VXLAN encapsulation exceeds the 16-bit UDP/IP lengths raises struct.error in
+    # packet.vxlan_encap (IPv4 outer: UDP length, or IPv4 total length in _ipv4_header) or
+    # _udp_with_checksum (IPv6 outer). GSO packets of 64 KiB reach software-path flows too.
+    ("vm1", _udp_frame(4, fr._v4("10.0.0.1"), fr._v4("10.1.2.3"), fr.PORT_MACS[0], 65480)),
+    ("vm1", _udp_frame(4, fr._v4("10.0.0.1"), fr._v4("10.1.2.3"), fr.PORT_MACS[0], 65500)),
+    ("vm3", _udp_frame(6, fr._v6("fd00::3"), fr._v6("fd00:1::5"), fr.PORT_MACS[2], 65487)),
+], ids=["ipv4_outer_udp_length", "ipv4_outer_total_length", "ipv6_outer_udp_length"])
+def test_regress_encap_of_a_frame_too_big_for_the_tunnel(ingress: str, frame: bytes) -> None:
+    runner = hz.CaseRunner()
+    failure = runner.replay_ops([hz.Op("process", ingress, hz.START_NS, frame)], (0, False))
+    assert failure is None, failure.trace if failure else ""

@@ -479,12 +479,23 @@ class CaseRunner:
 
     def minimize(self, f: Failure) -> Failure:
         """The smallest op list that still fails with the same signature: the failing op
-        alone when it fails by itself (on either NIC), else the case up to it."""
-        if f.op.kind != "process":
-            return f
+        alone when it fails by itself (on either NIC), else the case with every op removed
+        that the failure does not need (greedy, one op at a time)."""
         scratch = CaseRunner(strict_sources=self.strict_sources)  # keeps our counts clean
-        for nic in (f.nic, (0, False), (64, True)):
-            alone = scratch.replay_ops([f.op], nic)
-            if alone is not None and alone.signature == f.signature:
-                return alone
-        return f
+        if f.op.kind == "process":
+            for nic in (f.nic, (0, False), (64, True)):
+                alone = scratch.replay_ops([f.op], nic)
+                if alone is not None and alone.signature == f.signature:
+                    return alone
+        best = scratch.replay_ops(f.ops, f.nic)
+        if best is None or best.signature != f.signature:
+            return f  # depends on more than the ops (should not happen: cases are pure)
+        ops = list(f.ops)
+        i = len(ops) - 2
+        while i >= 0:
+            trial = ops[:i] + ops[i + 1:]
+            again = scratch.replay_ops(trial, f.nic)
+            if again is not None and again.signature == f.signature:
+                ops, best = trial, again
+            i -= 1
+        return best
