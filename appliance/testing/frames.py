@@ -199,7 +199,7 @@ MACS: Final = (*PORT_MACS, mac_to_int("02:00:00:00:00:fe"), mac_to_int("02:bb:00
                0x3333_FF00_0001, 0x0100_5E00_0001, 0, 0x0180_C200_0000)
 PORTS: Final = (0, 1, 22, 25, 53, 67, 68, 80, 443, 546, 547, 4789, 8080, 8472, 33434, 49152,
                 65535)
-VNIS: Final = (0, 1, 5001, 5002, 0xFF_FFFF)
+VNIS: Final = (0, 1, 5001, 5002, 6001, 9, 0xFF_FFFF)
 
 
 def v4_address(s: Source) -> int:
@@ -555,7 +555,8 @@ def arp_packet(s: Source) -> bytes:
 def frame(s: Source, depth: int = 0) -> bytes:
     """One Ethernet frame drawn from the grammar (not mutated; see `mutate`)."""
     kind = weighted(s, ((30, "ipv4"), (30, "ipv6"), (6, "arp"), (6, "nd"), (10, "vxlan"),
-                        (4, "fragment"), (3, "other"), (1, "junk")))
+                        (4 if depth == 0 else 0, "overlay"), (4, "fragment"), (3, "other"),
+                        (1, "junk")))
     src_mac, dst_mac = mac(s), mac(s)
     pad = s.bytes(8) if chance(s, 10) else None
     tags = _tags(s)
@@ -573,6 +574,8 @@ def frame(s: Source, depth: int = 0) -> bytes:
         return ethernet(dst_mac, src_mac, pk.ETHERTYPE_IPV6, ip + seg, tags, pad)
     if kind == "vxlan" and depth < MAX_DEPTH:
         return vxlan_frame(s, depth, dst_mac, src_mac, tags)
+    if kind == "overlay":
+        return overlay_frame(s)
     if kind == "fragment":
         return pick(s, fragments(s))
     if kind == "junk":
@@ -597,6 +600,27 @@ def vxlan_frame(s: Source, depth: int = 0, dst_mac: int | None = None,
         et = pk.ETHERTYPE_IPV6
     return ethernet(dst_mac if dst_mac is not None else mac(s),
                     src_mac if src_mac is not None else mac(s), et, ip + seg, tags)
+
+
+TUNNEL_ENDPOINTS: Final = ((4, _v4("203.0.113.2"), _v4("203.0.113.1")),
+                            (6, _v6("2001:db8:1::2"), _v6("2001:db8:1::1")))
+
+
+def overlay_frame(s: Source) -> bytes:
+    """VXLAN between the switch's tunnel endpoints, with a VNI it decapsulates and an inner
+    frame for one of its ports: what reaches decap (and the layers after it)."""
+    version, remote, local = pick(s, TUNNEL_ENDPOINTS)
+    inner = bytearray(frame(s, 1))
+    if len(inner) >= 12 and chance(s, 70):
+        inner[0:6] = pick(s, PORT_MACS).to_bytes(6, "big")
+    payload = struct.pack("!B3xI", pk.VXLAN_FLAG_I, pick(s, (5001, 5002, 6001)) << 8)
+    seg = udp_datagram(version, remote, local, s.int(49152, 65535), pk.VXLAN_PORT,
+                       payload + bytes(inner), zero_checksum=version == 4)
+    if version == 4:
+        ip = ipv4_header(remote, local, pk.PROTO_UDP, len(seg), flags_off=pk.IPV4_DF)
+        return ethernet(MACS[5], MACS[6], pk.ETHERTYPE_IPV4, ip + seg)
+    ip = ipv6_header(remote, local, pk.PROTO_UDP, len(seg))
+    return ethernet(MACS[5], MACS[6], pk.ETHERTYPE_IPV6, ip + seg)
 
 
 def vxlan_in_vxlan(s: Source) -> bytes:
