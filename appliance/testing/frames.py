@@ -865,10 +865,11 @@ def _l3_frame(h: pk.Headers, version: int, src: int, dst: int, proto: int, seg: 
 # ==============================================================================================
 
 
-def address_class_frames(src_mac: int, dst_mac: int) -> list[tuple[str, bytes]]:
-    """One UDP, TCP SYN and ND frame per address class as source and as destination."""
+def address_class_frames(src_mac: int, dst_mac: int, peer4: int = _v4("192.0.2.10"),
+                         peer6: int = _v6("2001:db8::10")) -> list[tuple[str, bytes]]:
+    """One UDP, TCP SYN and ND frame per address class as source and as destination; the
+    other end is ``peer4``/``peer6`` (a port's address for frames from the uplink)."""
     out: list[tuple[str, bytes]] = []
-    peer4, peer6 = _v4("192.0.2.10"), _v6("2001:db8::10")
     for cls, addrs in V4_CLASSES.items():
         for a in addrs[:2]:
             for name, src, dst in ((f"v4 src {cls}", a, peer4), (f"v4 dst {cls}", peer4, a)):
