@@ -309,25 +309,30 @@ def signature_of(exc: BaseException) -> str:
 
 
 def _share_classifiers() -> None:
-    """Build each rule list's classifier once per process instead of once per pipeline.
+    """Build the fuzz policies' classifiers once per process instead of once per pipeline.
 
     A case needs a fresh pipeline (so it replays exactly), and building the fuzz policy's
     16 classifiers costs ~3 ms, more than the case's packets. A classifier is immutable once
-    built and its lookups are pure, so pipelines of this process share them. Only the name
-    `appliance.pipeline.Classifier` is rebound, in the fuzzing process alone.
+    built and its lookups are pure, so pipelines of this process share those of the fuzz
+    policies (`policies`); every other rule list is built as usual. Only the name
+    `appliance.pipeline.Classifier` is rebound.
     """
     import appliance.pipeline as pipeline_module
 
     build = pipeline_module.Classifier
     if getattr(build, "shared_by_fuzz_harness", False):
         return
-    cache: dict[int, tuple[object, object]] = {}
+    ours = {id(rules): rules for pol in policies() for layer in pol.layers.values()
+            for rules in (layer.outbound, layer.inbound)}  # kept alive by `_POLICIES`
+    cache: dict[int, object] = {}
 
     def shared(rules, **kwargs):  # type: ignore[no-untyped-def]
-        hit = cache.get(id(rules))
-        if hit is None or hit[0] is not rules:  # the reference kept pins the id
-            hit = cache[id(rules)] = (rules, build(rules, **kwargs))
-        return hit[1]
+        if ours.get(id(rules)) is not rules or kwargs:
+            return build(rules, **kwargs)
+        made = cache.get(id(rules))
+        if made is None:
+            made = cache[id(rules)] = build(rules)
+        return made
 
     shared.shared_by_fuzz_harness = True  # type: ignore[attr-defined]
     pipeline_module.Classifier = shared  # type: ignore[assignment]
