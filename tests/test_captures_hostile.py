@@ -107,3 +107,32 @@ def test_every_capture_through_a_port(tmp_path: Path, direction: str, fmt: str) 
     print(f"{len(captures)} captures --direction {direction}: {elapsed:.1f} s, "
           f"{len(refused)} refused with a message, {len(failures)} tracebacks")
     assert not failures, f"{len(failures)} captures raised:\n" + "\n".join(failures)
+
+
+def test_grammar_capture_through_the_trace_tool(tmp_path: Path) -> None:
+    """Hostile frames of the grammar as a capture, replayed with automatic port assignment
+    (by source MAC/IP: every port and the uplink get some) and as vm1's outbound traffic,
+    with JSON and text output and the leaving packets written back: no traceback."""
+    from appliance.capture import PcapWriter
+    from appliance.testing import frames as fr
+    from appliance.testing import harness as hz
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(hz.POLICY)
+    cap = tmp_path / "hostile.pcap"
+    writer = PcapWriter(cap)
+    port_macs = fr.PORT_MACS
+    for i, frame in enumerate(fr.frames_from_seed(31, 3000)):
+        if len(frame) >= 12 and i % 3 == 0:  # a third claim to come from a port
+            frame = frame[:6] + port_macs[i % len(port_macs)].to_bytes(6, "big") + frame[12:]
+        writer.write(1_000_000_000 + i * 7_919_000, frame)  # ~8 ms apart: meters, expiry
+    writer.close()
+    for extra in ([], ["--json"], ["--port", "vm1", "--direction", "out", "--json"],
+                  ["--direction", "in", "--nic-capacity", "8", "--nic-actions", "allow,deny"]):
+        out, err = io.StringIO(), io.StringIO()
+        argv = [str(policy), str(cap), "--no-progress", "--write", str(tmp_path / "out.pcap"),
+                *extra]
+        with contextlib.redirect_stderr(err):
+            rc = trace.run(trace.parse_args(argv), out)
+        assert rc == trace.EXIT_OK, err.getvalue()
+        assert "summary" in out.getvalue()
