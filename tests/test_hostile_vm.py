@@ -247,12 +247,10 @@ def _run(the_lab, daemon: Daemon) -> None:
                     refused += 1
                 recent = [*recent[-4:], frame]
                 if i % 500 == 499:
+                    _assert_alive(daemon, name, recent)
                     new_tried += 1
                     new_ok += _new_connection(the_lab, new_listener)
-            assert daemon.proc is not None and daemon.proc.poll() is None, (
-                f"applianced died during the {name!r} batch; last frames sent:\n"
-                + "\n".join(f.hex() for f in recent) + "\n"
-                + daemon.log_path.read_text()[-3000:])
+            _assert_alive(daemon, name, recent)
         elapsed = time.monotonic() - started
         time.sleep(1.0)  # let the upcall queue drain before judging
         alive = daemon.proc is not None and daemon.proc.poll() is None
@@ -284,6 +282,13 @@ def _run(the_lab, daemon: Daemon) -> None:
     assert all(after), f"new connections after the flood: {after}"
     assert new_ok == new_tried, f"new connections during the flood: {new_ok}/{new_tried}"
     assert internal == 0, f"internal_error drops: {internal}"
+
+
+def _assert_alive(daemon: Daemon, batch: str, recent: list[bytes]) -> None:
+    """Fail at once, naming the batch and the last frames, if applianced has exited."""
+    assert daemon.proc is not None and daemon.proc.poll() is None, (
+        f"applianced died during the {batch!r} batch; last frames sent:\n"
+        + "\n".join(f.hex() for f in recent) + "\n" + daemon.log_path.read_text()[-3000:])
 
 
 def _listener(port: int) -> socket.socket:
