@@ -54,6 +54,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--repro", type=Path, metavar="FILE", help="replay a saved failure")
     p.add_argument("--frame", metavar="HEX", help="run one frame on a fresh switch")
     p.add_argument("--ingress", default="vm1", help="ingress for --frame (default vm1)")
+    p.add_argument("--nic-capacity", type=int, default=64, metavar="N",
+                   help="--frame: simulated NIC entries (default 64; 0 = all in software)")
+    p.add_argument("--nic-basic", action="store_true",
+                   help="--frame: the NIC executes only allow/deny/count (NAT, tunnels and "
+                        "meters run in the host's software path)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p.parse_known_args(argv)
 
@@ -165,12 +170,12 @@ def repro(path: Path, harness: Any) -> int:
     return 1
 
 
-def one_frame(hex_frame: str, ingress: str, harness: Any) -> int:
+def one_frame(hex_frame: str, ingress: str, nic: tuple[int, bool], harness: Any) -> int:
     runner = harness.CaseRunner()
     op = harness.Op("process", ingress, harness.START_NS, bytes.fromhex(hex_frame))
-    failure = runner.replay_ops([op])
+    failure = runner.replay_ops([op], nic)
     if failure is None:
-        p = harness.new_pipeline(64, True)
+        p = harness.new_pipeline(*nic)
         r = p.process(op.frame, ingress, op.now_ns)
         print(f"{r.verdict} {r.reason or ''} -> {r.out_port}")
         return 0
@@ -183,8 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     if args.repro or args.frame:
         from appliance.testing import harness
-        return repro(args.repro, harness) if args.repro else one_frame(
-            args.frame, args.ingress, harness)
+        if args.repro:
+            return repro(args.repro, harness)
+        return one_frame(args.frame, args.ingress, (args.nic_capacity, not args.nic_basic),
+                         harness)
     atheris, harness, frames = load(args.mode)
     fuzzer = Fuzzer(args, harness, frames)
     mode = "atheris" if atheris is not None else "random"
