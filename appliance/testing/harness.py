@@ -213,6 +213,17 @@ def check_result(frame: bytes, r: Result, ports: frozenset[str],
             raise OracleError(f"forwarded a packet with a {cls} source")
 
 
+def check_fast_key(frame: bytes) -> None:
+    """The hot path's shortcut key must be the key the full parser gives (or no key)."""
+    fast = pk.fast_flow_key(frame)
+    if fast is None:
+        return
+    h = pk.parse(frame)
+    full = pk.flow_key(h) if not isinstance(h, str) else h
+    if fast != full:
+        raise OracleError(f"fast_flow_key differs from parse: {fast} != {full}")
+
+
 def bad_source_class(h: pk.Headers) -> str | None:
     """The class of a source address no host may send from (issue 8), else None."""
     t = h.inner if h.inner is not None else h
@@ -250,7 +261,7 @@ def bad_source_class(h: pk.Headers) -> str | None:
 class Op:
     """One thing that happened in a case (enough to replay it without the grammar)."""
 
-    kind: str  # process | observe | explain | policy | revalidate | age
+    kind: str  # process | observe | explain | adopt | policy | revalidate | age
     ingress: str = ""
     now_ns: int = 0
     frame: bytes = b""
@@ -395,7 +406,8 @@ class CaseRunner:
         kind = fr.weighted(s, ((44, "hostile"), (14, "clean"), (12, "reply"), (4, "error"),
                                (8, "repeat"),
                                (4, "fragments"), (3, "resend"), (3, "raw"), (3, "observe"),
-                               (1, "explain"), (1, "policy"), (2, "revalidate"), (1, "age")))
+                               (1, "explain"), (1, "policy"), (2, "revalidate"), (1, "age"),
+                               (1, "adopt")))
         ingress = fr.pick(s, self.ingresses)
         if kind in ("reply", "error", "resend") and sent:
             out_port, frame = fr.pick(s, sent)
@@ -421,6 +433,8 @@ class CaseRunner:
             return [Op("observe", ingress, now, fr.hostile_frame(s))]
         if kind == "explain":
             return [Op("explain", ingress, now, fr.hostile_frame(s))]
+        if kind == "adopt":  # a kernel entry left by a previous run (headless restart)
+            return [Op("adopt", ingress, now, fr.hostile_frame(s), s.int(0, 1) * s.int(1, 65535))]
         if kind == "policy":
             return [Op("policy", "", now, b"", s.int(0, len(ALTERNATIVES)))]
         if kind == "revalidate":
@@ -437,6 +451,7 @@ class CaseRunner:
         st.ops += 1
         if op.kind == "process":
             st.frames += 1
+            check_fast_key(op.frame)
             r = p.process(op.frame, op.ingress, op.now_ns)
             st.verdicts[r.verdict] += 1
             st.paths[r.path] += 1
@@ -452,6 +467,12 @@ class CaseRunner:
         elif op.kind == "explain":
             st.frames += 1
             p.explain(op.ingress, op.frame)
+        elif op.kind == "adopt":
+            h = pk.parse(op.frame)
+            key = pk.flow_key(h) if not isinstance(h, str) else None
+            if key is not None:
+                st.frames += 1
+                p.install_key(op.ingress, key, op.now_ns, prefer_sport=op.arg or None)
         elif op.kind == "policy":
             p.set_policy(policies()[op.arg])
         elif op.kind == "revalidate":
