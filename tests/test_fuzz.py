@@ -309,7 +309,7 @@ def _udp_frame(version: int, src: int, dst: int, src_mac: int, size: int) -> byt
     # packet.vxlan_encap (IPv4 outer: UDP length, or IPv4 total length in _ipv4_header) or
     # _udp_with_checksum (IPv6 outer). GSO packets of 64 KiB reach software-path flows too.
     ("vm1", _udp_frame(4, fr._v4("10.0.0.1"), fr._v4("10.1.2.3"), fr.PORT_MACS[0], 65480)),
-    ("vm1", _udp_frame(4, fr._v4("10.0.0.1"), fr._v4("10.1.2.3"), fr.PORT_MACS[0], 65500)),
+    ("vm1", _udp_frame(4, fr._v4("10.0.0.1"), fr._v4("10.1.2.3"), fr.PORT_MACS[0], 65470)),
     ("vm3", _udp_frame(6, fr._v6("fd00::3"), fr._v6("fd00:1::5"), fr.PORT_MACS[2], 65487)),
 ], ids=["ipv4_outer_udp_length", "ipv4_outer_total_length", "ipv6_outer_udp_length"])
 def test_regress_encap_of_a_frame_too_big_for_the_tunnel(ingress: str, frame: bytes) -> None:
