@@ -316,3 +316,24 @@ def test_regress_encap_of_a_frame_too_big_for_the_tunnel(ingress: str, frame: by
     runner = hz.CaseRunner()
     failure = runner.replay_ops([hz.Op("process", ingress, hz.START_NS, frame)], (0, False))
     assert failure is None, failure.trace if failure else ""
+
+
+def test_regress_related_icmp_error_to_the_uplink_gets_the_uplink_macs() -> None:
+    """Found by the MAC oracle: an ICMP error a VM sends about a connection from outside
+    (port unreachable for a UDP datagram, the commonest) follows the connection's reply flow
+    to the uplink but keeps the VM's MACs, while every other frame to the uplink gets
+    ``uplink_mac``/``next_hop_mac`` (README): the next hop would not take it."""
+    ext, vm3 = fr._v4("203.0.113.50"), fr._v4("10.0.0.3")
+    vm3_mac, gw_mac = fr.PORT_MACS[2], 0x0200000000FE
+    seg = fr.udp_datagram(4, ext, vm3, 5000, 53, b"query")
+    query = fr.ethernet(0x02BB00000001, 0x02AA00000001, pk.ETHERTYPE_IPV4,
+                        fr.ipv4_header(ext, vm3, pk.PROTO_UDP, len(seg)) + seg)
+    runner = hz.CaseRunner()
+    p = hz.new_pipeline(64, True)
+    delivered = runner.apply(p, hz.Op("process", "up0", hz.START_NS, query))
+    assert delivered is not None and delivered.out_port == "vm3" and delivered.frame
+    error = pk.build_icmp_error(delivered.frame, src_mac=vm3_mac, src=0xFFFF_0000_0000 | vm3,
+                                icmp_type=3, icmp_code=3)
+    error = gw_mac.to_bytes(6, "big") + error[6:]  # to its default gateway, the switch
+    r = runner.apply(p, hz.Op("process", "vm3", hz.START_NS + 1000, error))
+    assert r is not None and r.note == "related" and r.out_port == "up0"

@@ -180,8 +180,27 @@ def expected_checksums(before: dict[str, bool], out_h: pk.Headers, *, decap: boo
     return want
 
 
+def check_macs(r: Result, out: bytes, policy: Policy) -> None:
+    """README: frames delivered to a port carry the port's MAC as destination; frames sent
+    to the uplink carry ``uplink_mac``/``next_hop_mac`` when the policy sets them. (ARP/ND
+    answers go back where the question came from and are addressed to the asker.)"""
+    if r.note in ("arp_reply", "nd_advert") or len(out) < 12:
+        return
+    dst_mac = int.from_bytes(out[0:6], "big")
+    src_mac = int.from_bytes(out[6:12], "big")
+    if r.out_port == policy.uplink:
+        if policy.uplink_mac is not None and src_mac != policy.uplink_mac:
+            raise OracleError("frame to the uplink without uplink_mac as source")
+        if policy.next_hop_mac is not None and dst_mac != policy.next_hop_mac:
+            raise OracleError("frame to the uplink without next_hop_mac as destination")
+        return
+    port = policy.port(r.out_port or "")
+    if port is not None and dst_mac != port.mac:
+        raise OracleError("frame delivered to a port without the port's MAC as destination")
+
+
 def check_result(frame: bytes, r: Result, ports: frozenset[str],
-                 strict_sources: bool = False) -> None:
+                 strict_sources: bool = False, policy: Policy | None = None) -> None:
     """Raise `OracleError` if ``r`` is not a named drop or a sound forward of ``frame``."""
     if r.verdict == "drop":
         if not isinstance(r.reason, str) or not r.reason:
@@ -207,6 +226,8 @@ def check_result(frame: bytes, r: Result, ports: frozenset[str],
     bad = sorted(k for k in want if not after.get(k, True))
     if bad:
         raise OracleError(f"forwarded frame has wrong checksums: {', '.join(bad)}")
+    if policy is not None:
+        check_macs(r, r.frame, policy)
     if strict_sources:
         cls = bad_source_class(out_h)
         if cls is not None:
@@ -457,7 +478,7 @@ class CaseRunner:
             st.paths[r.path] += 1
             if r.verdict == "drop":
                 st.reasons[r.reason] += 1
-            check_result(op.frame, r, self.ports, self.strict_sources)
+            check_result(op.frame, r, self.ports, self.strict_sources, p.policy)
             if r.flow is not None and r.flow.key[1] is None:
                 raise OracleError("flow installed without a flow key (catches all such frames)")
             return r
