@@ -225,6 +225,22 @@ FOUND: list[tuple[str, str, tuple[int, bool], str]] = [
      "0000a2441d541c6e16e0ed58fab6512fc71ecada74bb59d603fee8e4471c1c5a27ee894c583cb9cbb8de7633"
      "c42310b99004e48c094fd2777520074adb6e7e0ae4f88b1fe0ff476074ee296051ff7114d4a10ddb0d23068f"
      "1c4084da5d4cf8738109da8a28da9e7d5248ef0442106d"),
+    # README: "ARP/ND never cross the switch". A router advertisement (from ::1, behind a
+    # hop-by-hop header) inside VXLAN VNI 5001 from the uplink is decapsulated and delivered
+    # to a VM: ND is proxied only when it is not tunnelled (Pipeline._process, h.vni is None).
+    ("tunnelled_router_advert_decapped_into_vm", "up0", (4, False),
+     "02bb0000000102aa0000000186dd60000000009e114020010db800010000000000000000000220010db800"
+     "0100000000000000000001daad12b5009e141c08000000001389000200000000010a5b560b272a86dd6000"
+     "0000005800000000000000000000000000000000000120010db80001000000000000000000023c01cd1621"
+     "90e42f762df88d74a10d3c3a0148a7b9834e270e7d169e2137d03c8600b81be00000006a95865f28c42471"
+     "0304c9278dd02e4000c2fa4a62b8974a47728c541be04f26c79f8d9f6a2a8d89a401b96e1fd1ef3a"),
+    # README: link-local scope is never forwarded. A VM's VXLAN packet to 224.0.0.1 (outer)
+    # goes to the uplink: Pipeline._walk judges only the inner destination of tunnel packets.
+    ("vxlan_from_vm_to_link_local_outer", "vm4", (64, True),
+     "02bb0000000102bb000000010800450000860000400040114a5608080808e0000001c5cb12b50072000008"
+     "000000ffffff00333300000001ffffffffffff88a8002686dd6560000000282c0000000000000000000000"
+     "ffff0a0000042002c000020a00000000000000000001060000096054619b0050d576cdc51653d8bfc58480"
+     "18ffffd93f0000050a8cadcd50d5eb2c560101"),
     # ARP (and ND) on an ingress that is neither a port nor the uplink is answered, out of
     # that unknown ingress, where every IP frame is dropped as unknown_port.
     ("arp_on_unknown_ingress", "ghost", (0, False),
@@ -265,6 +281,28 @@ FOUND_SEQUENCES: list[tuple[str, tuple[int, bool], list[tuple[str, str, str, int
        "000000ffffff00e23ccadae8a63333ff0000019100099d91001f2f88a804cc86dd6000000000203affbe9f"
        "83eabf607b44d57fa9023b83aac5ff0200000000000000000001ff83aac587008b5b600000000000000000"
        "00000000000000000000000201000000000000", 0)]),
+    # vm3 sends TCP from the limited broadcast address 255.255.255.255 (a source no host may
+    # use; not dropped today); the answer from the uplink to 255.255.255.255 hits the reply
+    # flow and is delivered: link-local scope forwarded (README says never).
+    ("broadcast_source_reply_delivered", (4, True),
+     [("process", "vm3",
+       "00000000000002bb000000010800450000344b16000001065e9fffffffff0808080800350001b07569ac51"
+       "0892568010ffff5f220000080ada9854701029caa30101e8234241c27e63aa244f952679ededa2d8b1d9f7"
+       "66ea", 0),
+      ("process", "up0",
+       "02bb0000000102aa000000010800450000280000000040066ac108080808ffffffff000100350000000000"
+       "0000005010ffff9f8f0000000000000000", 0)]),
+    # README: frames delivered to a port get the port's MAC as destination. The flow vm1 ->
+    # vm2 is compiled from a first packet already addressed to vm2's MAC (no MAC rewrite);
+    # a later packet of it addressed to the gateway MAC reaches vm2 unchanged (low impact:
+    # only a sender changing MACs mid-connection sees it; found by the MAC oracle).
+    ("port_mac_not_set_on_later_packets", (64, False),
+     [("process", "vm1",
+       "02000000000202000000000108004500002800000000400666ce0a0000010a0000029c401f900000000000"
+       "0000005002ffffe00f0000000000000000", 0),
+      ("process", "vm1",
+       "0200000000fe02000000000108004500002800000000400666ce0a0000010a0000029c401f900000000000"
+       "0000005010ffffe0010000000000000000", 0)]),
     # The same key-less flow, made by an IPv6 VXLAN frame (ARP inside) that vm3's IPv6 SNAT
     # translates, then hit by an IPv4 VXLAN frame with a non-IP inner frame from vm3: the
     # IPv6 SNAT address is written into an IPv4 header (ValueError in packet._addr_bytes).

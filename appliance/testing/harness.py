@@ -36,6 +36,7 @@ MAX_OPS: Final = 32  # operations per case
 START_NS: Final = 1_000 * NS
 UPLINK: Final = "up0"
 UNKNOWN_INGRESS: Final = "ghost"  # an ingress the policy does not know (a stale netdev)
+ND_TYPES: Final = frozenset({133, 134, 135, 136, 137})
 TIME_STEPS: Final = (0, 1, 1_000, 1_000_000, 100_000_000, NS, 31 * NS, 301 * NS, 4000 * NS)
 
 POLICY: Final = """
@@ -180,6 +181,35 @@ def expected_checksums(before: dict[str, bool], out_h: pk.Headers, *, decap: boo
     return want
 
 
+def link_local_scope(h: pk.Headers) -> bool:
+    """README: limited broadcast, 224.0.0.0/24 and ff02::/16 are never forwarded. Judged
+    by the header's own version (an IPv4-mapped IPv6 destination is not IPv4 scope)."""
+    if h.dst is None:
+        return False
+    if h.ip_version == 4:
+        v4 = h.dst & 0xFFFF_FFFF
+        return v4 == 0xFFFF_FFFF or v4 >> 8 == 0xE00000
+    return h.dst >> 112 == 0xFF02
+
+
+def _arp_or_nd(h: pk.Headers) -> bool:
+    return h.arp_op is not None or (h.proto == pk.PROTO_ICMPV6 and h.icmp_type in ND_TYPES)
+
+
+def check_semantics(r: Result, out_h: pk.Headers) -> None:
+    """Promises of the README about what crosses the switch: nothing with a link-local
+    scope destination (outer or tunnelled), and no ARP/ND -- plain, or tunnelled by the
+    switch itself -- leaves by another port than the one it came from."""
+    if r.note in ("arp_reply", "nd_advert"):
+        return
+    if link_local_scope(out_h) or (out_h.inner is not None and link_local_scope(out_h.inner)):
+        raise OracleError("forwarded a packet with a link-local scope destination")
+    encapped = r.flow is not None and r.flow.actions.encap is not None and r.note != "related"
+    carried = [out_h, out_h.inner] if encapped and out_h.inner is not None else [out_h]
+    if r.out_port != r.ingress and any(_arp_or_nd(h) for h in carried):
+        raise OracleError("ARP/ND crossed the switch")
+
+
 def check_macs(r: Result, out: bytes, policy: Policy) -> None:
     """README: frames delivered to a port carry the port's MAC as destination; frames sent
     to the uplink carry ``uplink_mac``/``next_hop_mac`` when the policy sets them. (ARP/ND
@@ -226,6 +256,7 @@ def check_result(frame: bytes, r: Result, ports: frozenset[str],
     bad = sorted(k for k in want if not after.get(k, True))
     if bad:
         raise OracleError(f"forwarded frame has wrong checksums: {', '.join(bad)}")
+    check_semantics(r, out_h)
     if policy is not None:
         check_macs(r, r.frame, policy)
     if strict_sources:
@@ -473,7 +504,12 @@ class CaseRunner:
         if op.kind == "process":
             st.frames += 1
             check_fast_key(op.frame)
+            c = p.counters
+            packets, drops = c.packets, sum(c.drops.values())
             r = p.process(op.frame, op.ingress, op.now_ns)
+            if c.packets != packets + 1 or sum(c.drops.values()) != drops + (
+                    r.verdict == "drop"):
+                raise OracleError("packet/drop counters disagree with the result")
             st.verdicts[r.verdict] += 1
             st.paths[r.path] += 1
             if r.verdict == "drop":
@@ -481,6 +517,11 @@ class CaseRunner:
             check_result(op.frame, r, self.ports, self.strict_sources, p.policy)
             if r.flow is not None and r.flow.key[1] is None:
                 raise OracleError("flow installed without a flow key (catches all such frames)")
+            h = pk.parse(op.frame)
+            if (not isinstance(h, str) and h.frag == pk.FRAG_LATER and r.note != "fragment"
+                    and r.flow is not None and r.flow.conn is not None
+                    and r.flow.conn.created_ns == op.now_ns and r.path == "slow"):
+                raise OracleError("a later fragment seen first created a flow")
             return r
         if op.kind == "observe":
             st.frames += 1
