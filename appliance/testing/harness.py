@@ -355,6 +355,23 @@ class Stats:
     failures: Counter = field(default_factory=Counter)
 
 
+def frame_shape(frame: bytes) -> str:
+    """A coarse description of a frame (``tcp``, ``icmp``, ``nd``, ``arp``, ``vxlan>ip``,
+    ``vxlan>non_ip``...): enough to tell causes of one oracle rule apart, few enough to read."""
+    h = pk.parse(frame)
+    if isinstance(h, str):
+        return h
+    if h.inner is not None:
+        return "vxlan>ip" if h.inner.ip_version is not None else "vxlan>non_ip"
+    if h.arp_op is not None:
+        return "arp"
+    if h.ip_version is None:
+        return "non_ip"
+    if h.proto == pk.PROTO_ICMPV6 and h.icmp_type in ND_TYPES:
+        return "nd"
+    return {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}.get(h.proto or -1, "ip_other")
+
+
 def signature_of(exc: BaseException) -> str:
     """Exception type and the innermost frame inside appliance/ (where to look)."""
     if isinstance(exc, OracleError):
@@ -546,6 +563,10 @@ class CaseRunner:
     def _failure(self, exc: BaseException, op: Op, ops: list[Op],
                  nic: tuple[int, bool]) -> Failure:
         sig = signature_of(exc)
+        if isinstance(exc, OracleError):  # one rule, several causes: tell them apart a bit
+            where = "uplink" if op.ingress == UPLINK else (
+                "port" if op.ingress in self.ports else "unknown ingress")
+            sig = f"{sig} [{where}, {frame_shape(op.frame)}]"
         self.stats.failures[sig] += 1
         trace = "".join(traceback.format_exception(exc))
         return Failure(sig, f"{type(exc).__name__}: {exc}", trace, op, list(ops), nic)
