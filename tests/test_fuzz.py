@@ -65,6 +65,17 @@ def test_grammar_is_deterministic_from_seed_and_bytes() -> None:
     assert fr.frame(fr.ByteSource(b"\x07")) == fr.frame(fr.ByteSource(b"\x07"))
 
 
+def test_grammar_from_atheris_data_provider() -> None:
+    atheris = pytest.importorskip("atheris")
+    data = bytes(range(256)) * 4
+
+    def draw() -> bytes:
+        return fr.hostile_frame(fr.ProviderSource(atheris.FuzzedDataProvider(data)))
+
+    assert draw() == draw()
+    assert isinstance(pk.parse(draw()), pk.Headers | str)
+
+
 def test_grammar_reaches_every_shape() -> None:
     seen: Counter[str] = Counter()
     for f in fr.frames_from_seed(11, 3000):
