@@ -50,6 +50,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--strict-sources", action="store_true",
                    help="also fail forwards whose source is IPv4-mapped/compatible, multicast, "
                         "loopback, unspecified or broadcast (issue 8)")
+    p.add_argument("--rewind", action="store_true",
+                   help="let time go backwards now and then (capture time in appliance-trace)")
     p.add_argument("--report-every", type=float, default=REPORT_EVERY, metavar="SECONDS")
     p.add_argument("--repro", type=Path, metavar="FILE", help="replay a saved failure")
     p.add_argument("--frame", metavar="HEX", help="run one frame on a fresh switch")
@@ -70,7 +72,8 @@ class Fuzzer:
         self.args = args
         self.h = harness
         self.fr = frames
-        self.runner = harness.CaseRunner(strict_sources=args.strict_sources)
+        self.runner = harness.CaseRunner(strict_sources=args.strict_sources,
+                                         rewind=args.rewind)
         self.saved: dict[str, int] = {}
         self.start = time.monotonic()
         self.last_report = self.start

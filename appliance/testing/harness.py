@@ -431,9 +431,10 @@ def new_pipeline(capacity: int, all_kinds: bool) -> Pipeline:
 class CaseRunner:
     """Runs cases and collects failures (each case on a fresh pipeline)."""
 
-    def __init__(self, *, strict_sources: bool = False) -> None:
+    def __init__(self, *, strict_sources: bool = False, rewind: bool = False) -> None:
         self.stats = Stats()
         self.strict_sources = strict_sources
+        self.rewind = rewind  # let time go backwards now and then, as capture time can
         pol = policies()[0]
         self.ports = frozenset([*(p.name for p in pol.ports), pol.uplink])
         self.ingresses = (*(p.name for p in pol.ports), pol.uplink, pol.uplink, UNKNOWN_INGRESS)
@@ -457,6 +458,8 @@ class CaseRunner:
         now = START_NS
         for _ in range(s.int(1, MAX_OPS)):
             now += fr.pick(s, TIME_STEPS)
+            if self.rewind and fr.chance(s, 3):  # capture time may go backwards (trace tool)
+                now = max(0, now - fr.pick(s, (1, 1_000_000, NS, 31 * NS, 301 * NS)))
             for op in self._draw(s, now, sent, given):
                 ops.append(op)
                 if op.kind == "process":
@@ -590,7 +593,7 @@ class CaseRunner:
         """The smallest op list that still fails with the same signature: the failing op
         alone when it fails by itself (on either NIC), else the case with every op removed
         that the failure does not need (greedy, one op at a time)."""
-        scratch = CaseRunner(strict_sources=self.strict_sources)  # keeps our counts clean
+        scratch = CaseRunner(strict_sources=self.strict_sources, rewind=self.rewind)
         if f.op.kind == "process":
             for nic in (f.nic, (0, False), (64, True)):
                 alone = scratch.replay_ops([f.op], nic)
