@@ -386,3 +386,16 @@ def test_regress_related_icmp_error_to_the_uplink_gets_the_uplink_macs() -> None
     error = gw_mac.to_bytes(6, "big") + error[6:]  # to its default gateway, the switch
     r = runner.apply(p, hz.Op("process", "vm3", hz.START_NS + 1000, error))
     assert r is not None and r.note == "related" and r.out_port == "up0"
+
+
+def test_regress_ipv6_to_an_ipv4_mapped_destination_is_not_delivered() -> None:
+    """Found while sorting the link-local findings: an IPv6 packet from outside to
+    ``::ffff:10.0.0.3`` is delivered to vm3, whose IPv4 address it is in the model's shared
+    space (`_select_port` by IP). IPv4-mapped addresses are never on the wire (RFC 4291
+    2.5.5.2, Linux drops them): issue 8 wants them dropped with a named reason."""
+    src, dst = fr._v6("2001:db8::10"), 0xFFFF_0000_0000 | fr._v4("10.0.0.3")
+    seg = fr.tcp_segment(6, src, dst, 40000, 80, flags=0x02)
+    frame = fr.ethernet(0x02BB00000001, 0x02AA00000001, pk.ETHERTYPE_IPV6,
+                        fr.ipv6_header(src, dst, pk.PROTO_TCP, len(seg)) + seg)
+    r = hz.new_pipeline(64, True).process(frame, "up0", hz.START_NS)
+    assert r.verdict == "drop" and r.reason, (r.verdict, r.out_port)
