@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from appliance import packet as pk
+from appliance.model import ip_to_int
 from appliance.pipeline import Result
 from appliance.testing import frames as fr
 from appliance.testing import harness as hz
@@ -252,6 +253,32 @@ FOUND: list[tuple[str, str, tuple[int, bool], str]] = [
      "000000ffffff00333300000001ffffffffffff88a8002686dd6560000000282c0000000000000000000000"
      "ffff0a0000042002c000020a00000000000000000001060000096054619b0050d576cdc51653d8bfc58480"
      "18ffffd93f0000050a8cadcd50d5eb2c560101"),
+    # The same two, as found against main at cd34010 (family-correct addresses, port
+    # security): vm4 sends VXLAN to outer 224.0.0.1, the uplink sends VXLAN to outer
+    # 255.255.255.255 for vm4, and a router advertisement from 2001:db8::10 arrives in VNI 5002
+    # for vm3: all three are delivered.
+    ("vxlan_from_vm_to_link_local_outer_main", "vm4", (4, False),
+     "0200000000fe02000000000408004500010c0000400040114fdc0a000004e0000001e1b212b500f8000008"
+     "000000ffffff0001005e0000010200000000fe0800450000da00004000401137ba0a04ee540a000001d486"
+     "12b500c600000600000076c6bb0002000000000301005e00000186dd60000000008033ff2002c000020a00"
+     "00000000000000000120010db8000000000000000000000007ff020000eb20fa8c2cc91436261d95b74600"
+     "e540baabc4c6831eebec5e7ebd2326f08aad470b1adcf6c0f9344ade9be7fcced7c2ec25446feb4ac9fc3d"
+     "b5fd634c6ce460676722e636a02d889eec9dcf503a29f600fd0c49437fa8f59112d0851ee4ca4f32d19d47"
+     "f405e35009be276b2055234d66ad817ee6ec1a492aa427ec"),
+    ("vxlan_from_uplink_to_broadcast_outer_main", "up0", (4, True),
+     "02bb0000000102aa0000000108004500012b000040004011fdbfcb007102ffffffffc76112b50117000008"
+     "000000001771000000000000000200000000fe0800450000f900004000401125f00a0000010a000004d4b3"
+     "12b500e5000008000000ffffff000180c200000000000000000086dd60000000009f2c0100000000000000"
+     "000000000000000000000000000000000000000000000000012b0000007f39c6c83c04040200000000a709"
+     "0e99e0d9a9324566ab2670aa70cf151c133ae7324a6a049582fbbe30561900006a8c163b22aa2c013e3a10"
+     "0aa577ec693bc64dfffaad2c0000080f18287a2b005c48396c24263c02000100000000fe689e13fe7c40b3"
+     "1d242891836e9f1a2c00010400000000cabfd318a6daa10af63a2bed9b8314cbf60a59d066f9247c33f7c7"
+     "e5be041ce07502b0b747c7fa"),
+    ("tunnelled_router_advert_main", "up0", (64, True),
+     "02bb0000000102aa0000000108004500008a000040004011c25ecb007102cb007101eb8d12b50076000008"
+     "00000000138a00020000000003ffffffffffff86dd600000000030000120010db800000000000000000000"
+     "0010fd0000000000000000000000000000033a01050200000102000000000000000086005b76200000003e"
+     "7c2743454a225502010000000000000201020000000001"),
     # ARP (and ND) on an ingress that is neither a port nor the uplink is answered, out of
     # that unknown ingress, where every IP frame is dropped as unknown_port.
     ("arp_on_unknown_ingress", "ghost", (0, False),
@@ -381,7 +408,7 @@ def test_regress_related_icmp_error_to_the_uplink_gets_the_uplink_macs() -> None
     p = hz.new_pipeline(64, True)
     delivered = runner.apply(p, hz.Op("process", "up0", hz.START_NS, query))
     assert delivered is not None and delivered.out_port == "vm3" and delivered.frame
-    error = pk.build_icmp_error(delivered.frame, src_mac=vm3_mac, src=0xFFFF_0000_0000 | vm3,
+    error = pk.build_icmp_error(delivered.frame, src_mac=vm3_mac, src=ip_to_int("10.0.0.3"),
                                 icmp_type=3, icmp_code=3)
     error = gw_mac.to_bytes(6, "big") + error[6:]  # to its default gateway, the switch
     r = runner.apply(p, hz.Op("process", "vm3", hz.START_NS + 1000, error))

@@ -10,6 +10,7 @@ decides.
 from __future__ import annotations
 
 from appliance import packet as pk
+from appliance.model import ip_to_int
 from appliance.testing import frames as fr
 
 MAPPED = 0xFFFF_0A00_0001  # ::ffff:10.0.0.1
@@ -32,6 +33,7 @@ def test_mapped_source_in_ipv6_header_verifies_with_the_ipv6_pseudo_header() -> 
 
 
 def test_pseudo_header_defaults_to_the_family_of_the_source() -> None:
-    v4 = 0xFFFF_0A00_0002
-    assert pk.pseudo_header(MAPPED, v4, 17, 8) == pk.pseudo_header(MAPPED, v4, 17, 8, 4)
+    a, b = ip_to_int("10.0.0.1"), ip_to_int("10.0.0.2")  # IPv4 in the model's space
+    assert pk.pseudo_header(a, b, 17, 8) == pk.pseudo_header(a, b, 17, 8, 4)
+    assert len(pk.pseudo_header(a, b, 17, 8)) == 12
     assert len(pk.pseudo_header(MAPPED, PEER, 17, 8, 6)) == 40

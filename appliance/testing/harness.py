@@ -26,7 +26,7 @@ from typing import Final
 
 from appliance import packet as pk
 from appliance.datapath.sim import SimNic
-from appliance.model import ActionKind, Policy
+from appliance.model import ActionKind, Policy, is_ipv4
 from appliance.pipeline import Pipeline, Result
 from appliance.policy import parse_policy
 from appliance.testing import frames as fr
@@ -435,7 +435,8 @@ class CaseRunner:
         self.stats = Stats()
         self.strict_sources = strict_sources
         self.rewind = rewind  # let time go backwards now and then, as capture time can
-        pol = policies()[0]
+        pol = self.policy = policies()[0]
+        self._drawn_ingress = ""
         self.ports = frozenset([*(p.name for p in pol.ports), pol.uplink])
         self.ingresses = (*(p.name for p in pol.ports), pol.uplink, pol.uplink, UNKNOWN_INGRESS)
 
@@ -473,14 +474,37 @@ class CaseRunner:
                     sent.append((r.out_port or UPLINK, r.frame))
         return failures
 
+    def _as_sent_by(self, s: fr.Source, ingress: str, frame: bytes) -> bytes:
+        """Most frames a VM sends carry its own MAC and address: anti-spoofing checks let
+        them in, so the fuzzing goes on past them (the rest stays spoofed, to test those)."""
+        port = self.policy.port(ingress)
+        if port is None or len(frame) < 12 or not fr.chance(s, 75):
+            return frame
+        frame = frame[:6] + port.mac.to_bytes(6, "big") + frame[12:]
+        h = pk.parse(frame)
+        if isinstance(h, str) or h.ip_version is None or not fr.chance(s, 80):
+            return frame
+        mine = [ip for ip in port.ips if is_ipv4(ip) == (h.ip_version == 4)]
+        if not mine:
+            return frame
+        return pk.rewrite(frame, h, src=fr.pick(s, mine))
+
     def _draw(self, s: fr.Source, now: int, sent: list[tuple[str, bytes]],
               given: list[Op]) -> list[Op]:
+        return [op if op.kind not in ("process", "observe", "explain", "adopt") or (
+            op.ingress != self._drawn_ingress) else Op(op.kind, op.ingress, op.now_ns,
+                                                       self._as_sent_by(s, op.ingress, op.frame),
+                                                       op.arg)
+                for op in self._draw_ops(s, now, sent, given)]
+
+    def _draw_ops(self, s: fr.Source, now: int, sent: list[tuple[str, bytes]],
+                  given: list[Op]) -> list[Op]:
         kind = fr.weighted(s, ((44, "hostile"), (14, "clean"), (12, "reply"), (4, "error"),
                                (8, "repeat"),
                                (4, "fragments"), (3, "resend"), (3, "raw"), (3, "observe"),
                                (1, "explain"), (1, "policy"), (2, "revalidate"), (1, "age"),
                                (1, "adopt")))
-        ingress = fr.pick(s, self.ingresses)
+        ingress = self._drawn_ingress = fr.pick(s, self.ingresses)
         if kind in ("reply", "error", "resend") and sent:
             out_port, frame = fr.pick(s, sent)
             if kind == "reply":
