@@ -426,3 +426,19 @@ def test_regress_ipv6_to_an_ipv4_mapped_destination_is_not_delivered() -> None:
                         fr.ipv6_header(src, dst, pk.PROTO_TCP, len(seg)) + seg)
     r = hz.new_pipeline(64, True).process(frame, "up0", hz.START_NS)
     assert r.verdict == "drop" and r.reason, (r.verdict, r.out_port)
+
+
+@pytest.mark.parametrize("dst_mac", [fr.PORT_MACS[3], fr.PORT_MACS[1]], ids=["own", "other"])
+def test_regress_a_flow_that_is_its_own_reply_keeps_its_actions(dst_mac: int) -> None:
+    """Found on main at cd34010 (MAC oracle): vm4 sends to its own address with no ports, so
+    the reply key equals the forward key and the reply flow takes the forward flow's place in
+    the table (one flow for the pair); the second packet then runs the reply's actions (no
+    destination-MAC rewrite there). Every packet of a flow must leave like the first."""
+    me = fr._v4("10.0.0.4")
+    frame = fr.ethernet(dst_mac, fr.PORT_MACS[3], pk.ETHERTYPE_IPV4,
+                        fr.ipv4_header(me, me, 0, 8) + b"selfself")
+    p = hz.new_pipeline(64, False)
+    first = p.process(frame, "vm4", hz.START_NS)
+    second = p.process(frame, "vm4", hz.START_NS + 1000)
+    assert (second.verdict, second.out_port, second.frame) == (
+        first.verdict, first.out_port, first.frame)
