@@ -442,3 +442,21 @@ def test_regress_a_flow_that_is_its_own_reply_keeps_its_actions(dst_mac: int) ->
     second = p.process(frame, "vm4", hz.START_NS + 1000)
     assert (second.verdict, second.out_port, second.frame) == (
         first.verdict, first.out_port, first.frame)
+
+
+def test_regress_reply_flow_of_a_multicast_destination_admits_no_multicast_source() -> None:
+    """Found on main at cd34010 (--strict-sources): a VM may send to a global multicast group
+    (ff0e::1); the reply flow that connection installs then admits packets *from* ff0e::1,
+    a source no host may use (issue 8: the datapath must never follow a flow for it), though
+    the same source is a named drop on a new flow."""
+    vm3, group = fr._v6("fd00::3"), fr._v6("ff0e::1")
+
+    def udp(src: int, dst: int, sport: int, dport: int, src_mac: int) -> bytes:
+        seg = fr.udp_datagram(6, src, dst, sport, dport, b"m")
+        return fr.ethernet(0x02BB00000001, src_mac, pk.ETHERTYPE_IPV6,
+                           fr.ipv6_header(src, dst, pk.PROTO_UDP, len(seg)) + seg)
+
+    p = hz.new_pipeline(64, True)
+    p.process(udp(vm3, group, 5000, 6000, fr.PORT_MACS[2]), "vm3", hz.START_NS)
+    r = p.process(udp(group, vm3, 6000, 5000, 0x02AA00000001), "up0", hz.START_NS + 1000)
+    assert r.verdict == "drop" and r.reason, (r.verdict, r.out_port)
