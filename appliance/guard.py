@@ -55,6 +55,13 @@ def _v4_local_scope(dst: int) -> bool:
     return v4 == 0xFFFF_FFFF or v4 >> 8 == 0xE00000
 
 
+def multicast(addr: int) -> bool:
+    """224.0.0.0/4 or ff00::/8: a group, which never answers as itself."""
+    if addr >> 32 == IPV4_TAG:
+        return (addr & 0xFFFF_FFFF) >> 28 == 0xE
+    return addr >> 120 == 0xFF
+
+
 def link_local_scope(dst: int) -> bool:
     """Limited broadcast, IPv4 local-network multicast (224.0.0.0/24), IPv6 ff02::/16: what
     no router forwards (DHCP, mDNS, MLD, router solicitations)."""

@@ -54,6 +54,7 @@ class DropReason(enum.StrEnum):
     ARP_NOT_OURS = "arp_not_ours"
     ND_NOT_SOLICIT = "nd_not_solicit"
     ND_NOT_OURS = "nd_not_ours"
+    ND_IN_TUNNEL = "nd_in_tunnel"  # neighbour discovery never crosses, tunnelled or not
     # policy (appliance.translate)
     DENY = "deny"
     NO_PORT = "no_port"  # from the uplink, for no port

@@ -467,8 +467,12 @@ class Pipeline:
         sending port may not claim (port security, VLAN)."""
         problem = guard.packet_problem(h)
         if problem is None:
-            if guard.link_local(h) or (h.inner is not None and guard.link_local(h.inner)):
+            inner = h.inner
+            if guard.link_local(h) or (inner is not None and guard.link_local(inner)):
                 return DropReason.LINK_LOCAL
+            if inner is not None and inner.proto == pk.PROTO_ICMPV6 and (
+                    inner.icmp_type in ND_TYPES):
+                return DropReason.ND_IN_TUNNEL  # the switch answers ND; it never crosses
             ctx = self.translator.ports.get(ingress)
             if ctx is not None:
                 problem = guard.port_problem(ctx.port, h, check_mac=check_mac)

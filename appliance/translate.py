@@ -433,6 +433,9 @@ class Translator:
         ``taken`` looks keys up in (default: the one this translator was built with).
         """
         occupant = taken if taken is not None else self._flows.get
+        t = h.inner if h.inner is not None else h
+        if t.dst is not None and guard.multicast(t.dst):
+            pair = False  # a group never answers from its own address: no reply flow
         snat_ports: dict[int, int] = {}
         if prefer_sport is not None:
             snat_ports[PREFERRED_SPORT] = prefer_sport

@@ -51,7 +51,29 @@ def license_of(dist: metadata.Distribution) -> str:
         return text
     classifiers = [c.rsplit(" :: ", 1)[-1] for c in meta.get_all("Classifier") or []
                    if c.startswith("License ::")]
-    return " OR ".join(classifiers) or "UNKNOWN"
+    return " OR ".join(classifiers) or _license_from_files(dist) or "UNKNOWN"
+
+
+_LICENSE_HEADS = (("Apache License", "Version 2.0", "Apache-2.0"),
+                  ("MIT License", "", "MIT"),
+                  ("Permission is hereby granted, free of charge", "", "MIT"))
+
+
+def _license_from_files(dist: metadata.Distribution) -> str | None:
+    """Some wheels carry only the license text (no metadata field): recognise the common
+    ones by their opening words."""
+    for name in dist.files or []:
+        if "LICENSE" not in name.name.upper() and "COPYING" not in name.name.upper():
+            continue
+        try:
+            head = " ".join(Path(str(dist.locate_file(name))).read_text(errors="replace")
+                            .split()[:40])
+        except OSError:
+            continue
+        for first, second, spdx in _LICENSE_HEADS:
+            if first in head and second in head:
+                return spdx
+    return None
 
 
 def holders_of(dist: metadata.Distribution) -> str:

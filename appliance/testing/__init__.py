@@ -1,0 +1,1 @@
+"""Tools for testing the switch with hostile input (frame grammar, fuzzing helpers)."""
