@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance import packet as pk
-from appliance.model import ip_to_int
+from appliance.model import IPV4_BASE, ip_to_int, is_ipv4
 
 MAC_A = 0x02_00_00_00_00_0A
 MAC_B = 0x02_00_00_00_00_0B
@@ -524,8 +524,8 @@ def test_every_truncation_of_valid_samples() -> None:
 
 # --- fast path and flow keys -------------------------------------------------------------------
 
-addresses_v4 = st.integers(0, 2**32 - 1).map(lambda a: pk.IPV4_BASE | a)
-addresses_v6 = st.integers(0, 2**128 - 1).filter(lambda a: not pk.is_ipv4(a))
+addresses_v4 = st.integers(0, 2**32 - 1).map(lambda a: IPV4_BASE | a)
+addresses_v6 = st.integers(0, 2**128 - 1).filter(lambda a: not is_ipv4(a))
 ports = st.integers(0, 65535)
 
 
@@ -581,7 +581,7 @@ def _reply_pairs() -> list[tuple[bytes, bytes]]:
                 src_mac=MAC_B, dst_mac=MAC_A, src=b, dst=a, proto=proto, sport=80, dport=40000
             )
             pairs.append((req, rep))
-        icmp = 1 if pk.is_ipv4(a) else 58
+        icmp = 1 if is_ipv4(a) else 58
         req = frame(a, b, icmp, icmp_id=777)
         rep = pk.build_frame(
             src_mac=MAC_B,
