@@ -11,8 +11,8 @@ fault in one is recorded and the next sweep runs. Operators and metrics share th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
 import structlog
 import trio
@@ -25,6 +25,8 @@ from appliance.revalidation import RevalidationStats
 
 log = structlog.get_logger(__name__)
 
+Blobs = tuple[Any, Any, int]  # a datapath's counter read: keys, values, entries
+
 REVALIDATE_CHUNK: Final = 5000  # connections revalidated between yields to other tasks
 SYNC_CHUNK: Final = 1000  # flows folded between yields to other tasks (~1 ms of work)
 
@@ -33,11 +35,16 @@ class Ager:
     """Counter folding, revalidation sweeps and expiry for one daemon."""
 
     def __init__(self, pipeline: Pipeline, datapath: KernelDatapath, *, interval: float,
-                 record_fault: Callable[..., Fault]) -> None:
+                 record_fault: Callable[..., Fault],
+                 clock: Callable[[], int] = time.monotonic_ns,
+                 read_on: Callable[[Callable[[], Blobs]], Awaitable[Blobs]] | None = None) -> None:
         self.pipeline = pipeline
         self.datapath = datapath
         self.interval = interval
         self._record_fault = record_fault
+        self._clock = clock  # ns; the kernel's counters use CLOCK_MONOTONIC (tests: trio's)
+        # where the map is read: a worker thread (bpf(2) only, no trio); tests read inline
+        self._read_on = read_on if read_on is not None else trio.to_thread.run_sync
         self._sync_lock = trio.Lock()  # one counter fold at a time (ager, IPC, metrics)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -52,7 +59,7 @@ class Ager:
                     self._record_fault("sweep", exc)
 
     async def expire(self) -> None:
-        expired = self.pipeline.age(time.monotonic_ns())
+        expired = self.pipeline.age(self._clock())
         if expired:
             log.debug("flows_expired", connections=len(expired))
 
@@ -66,7 +73,7 @@ class Ager:
             async with self._sync_lock:
                 return
         async with self._sync_lock:
-            kb, vb, n = await trio.to_thread.run_sync(self.datapath.counter_blobs)
+            kb, vb, n = await self._read_on(self.datapath.counter_blobs)
             for start in range(0, n, SYNC_CHUNK):
                 try:
                     self.fold(kb, vb, start, min(n, start + SYNC_CHUNK))
@@ -92,7 +99,7 @@ class Ager:
         """Revalidate every stale connection now, yielding to other tasks between chunks."""
         total = RevalidationStats()
         while True:
-            stats = self.pipeline.revalidate(time.monotonic_ns(), limit=REVALIDATE_CHUNK)
+            stats = self.pipeline.revalidate(self._clock(), limit=REVALIDATE_CHUNK)
             for name in ("checked", "unchanged", "updated", "replaced"):
                 setattr(total, name, getattr(total, name) + getattr(stats, name))
             if not stats.remaining:

@@ -47,13 +47,15 @@ class SlowPath:
 
     def __init__(self, pipeline: Pipeline, injector: Injector, *, upcall_rate: int,
                  by_tag: dict[int, str], devices: dict[str, str],
-                 record_fault: Callable[..., Fault]) -> None:
+                 record_fault: Callable[..., Fault],
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
         self.pipeline = pipeline
         self.injector = injector
         self.upcall_rate = upcall_rate
         self.by_tag = by_tag
         self.devices = devices
         self._record_fault = record_fault
+        self._clock = clock  # ns (tests: trio's clock)
         self.stats = SlowPathStats()
         self._budgets: dict[str, TokenBucket] = {}
         self._warn = RateLimited(10.0)
@@ -63,7 +65,7 @@ class SlowPath:
         pipeline = self.pipeline
         while True:
             await queue.wait()
-            now = time.monotonic_ns()
+            now = self._clock()
             for up in queue.take(SLOW_PATH_SLICE):
                 ingress = self.by_tag.get(up.tag)
                 if ingress is None:
@@ -97,7 +99,7 @@ class SlowPath:
             return
         result = pipeline.process(up.frame, ingress, now)
         if result.path == "slow":
-            stats.setup_latency.observe((time.monotonic_ns() - now) / 1e9)
+            stats.setup_latency.observe((self._clock() - now) / 1e9)
         if result.frame is not None and result.out_port is not None:
             device = self.devices.get(result.out_port)
             if device is None or not self.injector.send(result.frame, device):
