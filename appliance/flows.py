@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from appliance.actions import CompiledActions
-from appliance.model import Action, Direction
+from appliance.model import FIELD_INDEX, Action, Direction
 from appliance.timeouts import NS, TCP_CONTROL, TcpState, Timeouts, next_tcp_state
 
+_SRC_PORT: Final = FIELD_INDEX["src_port"]  # in a classifier lookup tuple
+_DST_PORT: Final = FIELD_INDEX["dst_port"]
 NEVER: Final = 1 << 126  # a time after every real one (ns)
 DEFAULT_MAX_FLOWS: Final = 1_000_000  # flows (a connection is 1 or 2); Azure allows 500k/dir
 DEFAULT_PORT_SHARE: Final = 0.25  # of max_flows, what one port (or the uplink) may hold
@@ -66,6 +68,9 @@ class Flow:
     dscp: tuple[int | None, int | None] = (0, None)  # its DSCP (outer, inner if tunnelled)
     kernel_packets: int = 0  # datapath counters already folded into packets/bytes
     kernel_bytes: int = 0
+    # steps shared with a decision template: their lookup values hold the template's client
+    # port; this flow's is this one (src_port of a forward flow, dst_port of a reverse one)
+    template_port: int | None = None
 
     @property
     def reverse(self) -> Flow | None:
@@ -75,6 +80,15 @@ class Flow:
     @property
     def is_forward(self) -> bool:
         return self is self.conn.forward
+
+    def lookup_values(self, step: LayerStep) -> tuple | None:
+        """The classifier lookup tuple ``step`` was decided with, for this flow."""
+        values = step.values
+        port = self.template_port
+        if values is None or port is None:
+            return values
+        i = _SRC_PORT if self.is_forward else _DST_PORT
+        return (*values[:i], port, *values[i + 1:])
 
 
 @dataclass(slots=True, eq=False)

@@ -56,6 +56,7 @@ from appliance.translate import Decision, MeterBook, Translator
 
 EARLY_AGE_INTERVAL_NS: Final = NS  # at most one early-ageing scan per second
 EARLY_AGE_FRACTION: Final = 0.25  # full table: expire what is idle > 1/4 of its timeout
+INTERNED_MAX: Final = 4096  # distinct MAC pairs / DSCPs shared between flows (then reset)
 
 
 @dataclass(slots=True)
@@ -112,6 +113,8 @@ class Pipeline:
         self.revalidator = Revalidator(self)
         self._meters = MeterBook()
         self._last_early_ns: dict[str | None, int] = {}  # per ingress (None: whole table)
+        self.use_templates = True  # False: every new connection takes the full walk (tests)
+        self._interned: dict[tuple, tuple] = {}
         self.set_policy(policy)
 
     # ----------------------------------------------------------------- policy
@@ -595,7 +598,8 @@ class Pipeline:
                     flows.refused += 1
                     return self._drop(ingress, Path.SLOW, DropReason.PORT_FLOW_LIMIT, key=key)
         d = None
-        tkey = template_key(h, ingress) if create and prefer_sport is None else None
+        tkey = (template_key(h, ingress)
+                if create and prefer_sport is None and self.use_templates else None)
         if tkey is not None:
             d = self.templates.lookup(tkey, h.sport)  # type: ignore[arg-type]
         if d is None:
@@ -639,20 +643,25 @@ class Pipeline:
         """Put a decided flow pair into the table (not yet into the datapath)."""
         if key is None or (d.rkey is not None and d.rkey[1] is None):
             raise ValueError("a flow needs a key")  # callers drop key-less frames first
-        macs = (h.src_mac, h.dst_mac) if h.inner is None else (h.inner.src_mac,
-                                                               h.inner.dst_mac)
+        t = h.inner if h.inner is not None else h
+        intern = self._interned
+        if len(intern) > INTERNED_MAX:
+            intern.clear()
+        # the same few MAC pairs and DSCPs recur across thousands of connections: share them
+        macs = intern.setdefault((t.src_mac, t.dst_mac), (t.src_mac, t.dst_mac))
+        rmacs = intern.setdefault((t.dst_mac, t.src_mac), (t.dst_mac, t.src_mac))
         dscp = (h.dscp, h.inner.dscp if h.inner is not None else None)
+        dscp = intern.setdefault(dscp, dscp)
         fwd = Flow((ingress, key), d.port, d.direction, d.actions, d.steps,  # type: ignore
-                   macs=macs, dscp=dscp)
+                   macs=macs, dscp=dscp, template_port=d.template_port)
         rev = None
         if d.actions.output is not None and d.rkey is not None:
             rev = Flow(d.rkey, d.rport, d.rdirection, d.ractions, d.rsteps,  # type: ignore
-                       macs=(macs[1], macs[0]))
+                       macs=rmacs, template_port=d.template_port)
         for f in (fwd, rev):  # a lone drop flow of unsolicited traffic gives way
             occupant = self.flows.get(f.key) if f is not None else None
             if occupant is not None and lone_drop(occupant):
                 self.remove_conn(occupant.conn)
-        t = h.inner if h.inner is not None else h
         conn = self.flows.add(fwd, rev, proto=t.proto, generation=self.generation,
                               now_ns=now_ns)
         self.book.created(fwd, rev)

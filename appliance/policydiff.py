@@ -68,7 +68,7 @@ class PolicyDiff:
                 if step.rule in change.touched:
                     return True
                 limit = step.priority if step.priority is not None else math.inf
-            values = step.values
+            values = flow.lookup_values(step)
             for prio, match in change.candidates:
                 if prio < limit and values is not None and match.matches(values):
                     return True

@@ -114,7 +114,7 @@ class Revalidator:
             return
         prefer = preferred_sport(fwd)
         d = None
-        tkey = template_key(h, ingress) if prefer is None else None
+        tkey = template_key(h, ingress) if prefer is None and p.use_templates else None
         if tkey is not None:  # a full re-evaluation of many similar flows: reuse walks
             d = p.templates.lookup(tkey, h.sport, own=conn)  # type: ignore[arg-type]
         if d is None:
@@ -126,17 +126,17 @@ class Revalidator:
                 rev is None or d.ractions == rev.actions):
             # same actions, but possibly decided by other rules now: record those, or the
             # next policy diff would reason from rules that no longer decide this flow
-            self._restep(fwd, d.steps)
+            self._restep(fwd, d.steps, d.template_port)
             if rev is not None:
-                self._restep(rev, d.rsteps)
+                self._restep(rev, d.rsteps, d.template_port)
             conn.generation = gen
             stats.unchanged += 1
             return
         if same_shape and d.actions.output is not None and rev is not None:
             fwd.actions = d.actions
             rev.actions = d.ractions  # type: ignore[assignment]
-            self._restep(fwd, d.steps)
-            self._restep(rev, d.rsteps)
+            self._restep(fwd, d.steps, d.template_port)
+            self._restep(rev, d.rsteps, d.template_port)
             conn.generation = gen
             for f in (fwd, rev):
                 f.nic_refused = None
@@ -159,7 +159,8 @@ class Revalidator:
             if new_rev is not None:
                 p.offload(new_rev, now_ns)
 
-    def _restep(self, flow: Flow, steps: tuple[LayerStep, ...]) -> None:
+    def _restep(self, flow: Flow, steps: tuple[LayerStep, ...],
+                template_port: int | None) -> None:
         """Replace the layer decisions recorded for ``flow``; the packets it carried so far
         stay credited to the rules that decided them then (counters never go backwards)."""
         if [(s.port, s.layer, s.direction, s.rule) for s in flow.steps] != [
@@ -167,6 +168,7 @@ class Revalidator:
             self._p.book.retire_flow(flow)
             flow.packets = flow.bytes = 0
         flow.steps = steps
+        flow.template_port = template_port
 
     def reevaluate(self, conn: Conn) -> Decision:
         """The decision the pipeline's policy gives an existing connection, reached as

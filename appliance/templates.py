@@ -15,13 +15,11 @@ from __future__ import annotations
 from typing import Final
 
 from appliance import packet as pk
-from appliance.flows import Conn, FlowTable, LayerStep, lone_drop
-from appliance.model import FIELD_INDEX, Direction, Policy
+from appliance.flows import Conn, FlowTable, lone_drop
+from appliance.model import Direction, Policy
 from appliance.translate import Decision
 
 TEMPLATE_CACHE: Final = 4096  # decision templates kept (cleared when full)
-_SRC_PORT: Final = FIELD_INDEX["src_port"]  # in a classifier lookup tuple
-_DST_PORT: Final = FIELD_INDEX["dst_port"]
 
 
 def template_key(h: pk.Headers, ingress: str) -> tuple | None:
@@ -34,18 +32,6 @@ def template_key(h: pk.Headers, ingress: str) -> tuple | None:
 def _with_reply_dport(rkey: tuple, port: int) -> tuple:
     ingress, (vlan, proto, src, sport, dst, _dport, tun) = rkey
     return (ingress, (vlan, proto, src, sport, dst, port, tun))
-
-
-def _with_port(steps: tuple[LayerStep, ...], index: int, port: int) -> tuple[LayerStep, ...]:
-    """Steps with the port at ``index`` of their lookup values replaced."""
-    out = []
-    for st in steps:
-        v = st.values
-        if v is not None:
-            v = (*v[:index], port, *v[index + 1:])
-            st = LayerStep(st.port, st.layer, st.direction, st.rule, st.action, st.priority, v)
-        out.append(st)
-    return tuple(out)
 
 
 class Templates:
@@ -74,10 +60,10 @@ class Templates:
         if taken is not None and not lone_drop(taken) and (own is None or taken.conn is not own):
             return None  # a collision: the full walk knows how to pick another port
         self.hits += 1
-        return Decision(d.actions, _with_port(d.steps, _SRC_PORT, sport), d.port, d.direction,
-                        d.output, rkey, d.ractions, _with_port(d.rsteps, _DST_PORT, sport),
-                        d.rport,
-                        d.rdirection)
+        # the template's own steps, shared (no copy per connection: memory is a feature);
+        # the flows read their lookup values through `Flow.lookup_values` with this port
+        return Decision(d.actions, d.steps, d.port, d.direction, d.output, rkey, d.ractions,
+                        d.rsteps, d.rport, d.rdirection, template_port=sport)
 
     def remember(self, tkey: tuple, sport: int, d: Decision) -> None:
         """Keep a full walk's decision as a template, if nothing in it depends on the port."""

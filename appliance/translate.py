@@ -88,6 +88,10 @@ class Decision:
     rport: str | None = None
     rdirection: Direction | None = None
     conflict: str | None = None  # nat_exhausted / flow_collision
+    # a decision reused from a template (appliance.templates): its steps are the template's,
+    # whose lookup values hold another client port; this is the one to read them with
+    template_port: int | None = None
+
 
 def _make_copier():
     """An unrolled field-by-field copy of Headers (generated once: no per-field getattr)."""

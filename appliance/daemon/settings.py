@@ -16,7 +16,7 @@ settings file. Example (all keys, defaults shown)::
     adopt = true                    # at start, adopt what a headless run left
     upcall_device = "apl-upcall"    # TAP the miss filter sends packets to
     pin_dir = "/sys/fs/bpf/appliance"  # where the kernel flow cache's maps are pinned
-    upcall_queue = 256              # packets buffered per port between reader and slow path
+    upcall_queue = 1024             # packets buffered per port between reader and slow path
     upcall_batch = 256              # packets read per wakeup at most
     upcall_rate = 20000             # new-flow evaluations per port per second (then dropped)
     upcall_port_rate = 10000        # upcalls of any kind per port per second (kernel-enforced)
@@ -127,7 +127,7 @@ class Settings(BaseModel):
     adopt: bool = True
     upcall_device: str = Field("apl-upcall", min_length=1, max_length=15)
     pin_dir: Path = Path("/sys/fs/bpf/appliance")
-    upcall_queue: int = Field(256, ge=1)  # per port
+    upcall_queue: int = Field(1024, ge=1)  # per port
     upcall_batch: int = Field(256, ge=1)
     upcall_rate: int = Field(20000, ge=1)  # new-flow evaluations per port per second
     upcall_port_rate: int = Field(10000, ge=0)  # upcalls/s per port, in the kernel (0: none)

@@ -99,7 +99,7 @@ def child(n: int, traced: bool) -> dict:
     """Measure one size in this (fresh) process; returns the figures as a dict."""
     policy = load_policy(POLICY)
     nic = SimNic(capacity=2 * n + 1024)
-    pipeline = Pipeline(policy, nic, max_flows=2 * n + 1024)
+    pipeline = Pipeline(policy, nic, max_flows=2 * n + 1024, port_share=1.0)  # one port: all
     gc.collect()
     if traced:
         tracemalloc.start()
