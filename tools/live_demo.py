@@ -29,9 +29,10 @@ from nstools import tcp_listener, udp_socket  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from appliance.model import PROTO_NAMES, int_to_ip  # noqa: E402
+from appliance.keyfmt import key_dict  # noqa: E402
 
-console = Console()
+# A log file or pipe gets lines wide enough for the flow listings, not 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 T = 3.0
 LOG_COPY = "/tmp/appliance-demo-applianced.log"
 
@@ -57,7 +58,9 @@ def appliancectl(d: Daemon, *args: str) -> None:
     console.print(f"[dim]$ appliancectl {' '.join(args)}")
     out = subprocess.run([exe, "--socket", str(sock), *args], capture_output=True, text=True,
                          timeout=20)
-    console.print(out.stdout.rstrip() or out.stderr.rstrip())
+    # Printed as-is: the operator shell already laid its tables out for a terminal.
+    console.print(out.stdout.rstrip() or out.stderr.rstrip(), soft_wrap=True, markup=False,
+                  highlight=False)
 
 
 def kernel_table(d: Daemon, the_lab) -> None:
@@ -65,11 +68,12 @@ def kernel_table(d: Daemon, the_lab) -> None:
     table = Table(title="kernel flow cache (BPF hash map on clsact ingress)")
     for col in ("ingress", "proto", "src", "sport", "dst", "dport", "tunnel"):
         table.add_column(col)
-    for ifindex, (_vlan, proto, src, sport, dst, dport, tun) in sorted(
-            d.kernel_flows(), key=lambda e: (e[0], e[1][3])):
-        table.add_row(names.get(ifindex, str(ifindex)), PROTO_NAMES.get(proto, str(proto)),
-                      str(int_to_ip(src)), str(sport), str(int_to_ip(dst)), str(dport),
-                      f"vni {tun[2]}" if tun else "")
+    for ifindex, key in sorted(d.kernel_flows(), key=lambda e: (e[0], e[1][3])):
+        k = key_dict(key) or {}
+        sport = f"{k['sport']} ({k['icmp'].replace('_', ' ')})" if "icmp" in k else str(k["sport"])
+        table.add_row(names.get(ifindex, str(ifindex)), str(k["proto"]), k["src"], sport,
+                      k["dst"], str(k["dport"]),
+                      f"vni {k['tunnel']['vni']}" if "tunnel" in k else "")
     console.print(table)
 
 
