@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -79,8 +80,39 @@ def is_ipv4(value: int) -> bool:
     return value >> 32 == IPV4_TAG
 
 
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_PLAIN_IPV4_CIDR: Final = re.compile(
+    rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/(3[0-2]|[0-2]?[0-9]))?", re.ASCII)
+
+
+def plain_ipv4_cidr(text: str) -> tuple[int, int] | None:
+    """``"a.b.c.d[/n]"`` -> (address, prefix length) when written the plain way, else None.
+
+    Written by hand because policy loading spends a third of its time in `ipaddress` for
+    10k-rule documents; it accepts exactly what `ipaddress` accepts in the plain decimal
+    form (no leading zeros, octets <= 255, prefix 0-32 without sign or spaces) and leaves
+    every other spelling to `ipaddress` (tests compare the two).
+    """
+    m = _PLAIN_IPV4_CIDR.fullmatch(text)
+    if m is None:
+        return None
+    a, b, c, d, length = m.groups()
+    value = int(a) << 24 | int(b) << 16 | int(c) << 8 | int(d)
+    return value, 32 if length is None else int(length)
+
+
+def ipv4_prefix_interval(value: int, length: int) -> tuple[int, int]:
+    """IPv4 ``value/length`` (host bits ignored) -> closed interval in the shared space."""
+    host = (1 << (32 - length)) - 1
+    lo = IPV4_BASE | (value & ~host & 0xFFFF_FFFF)
+    return lo, lo | host
+
+
 def cidr_to_interval(text: str) -> tuple[int, int]:
     """``"10.0.0.0/8"`` -> closed interval in the shared address space (strict=False)."""
+    plain = plain_ipv4_cidr(text)
+    if plain is not None:
+        return ipv4_prefix_interval(*plain)
     net = ipaddress.ip_network(text, strict=False)
     lo = ip_to_int(net.network_address)
     size = net.num_addresses

@@ -37,8 +37,10 @@ from appliance.model import (
     cidr_to_interval,
     int_to_ip,
     ip_to_int,
+    ipv4_prefix_interval,
     is_ipv4,
     mac_to_int,
+    plain_ipv4_cidr,
 )
 
 _POLICY_KEYS: Final = frozenset(spec.PolicySpec.model_fields)
@@ -59,6 +61,12 @@ def _ip_item(item: object) -> tuple[bool, tuple[int, int]]:
     negated, body = spec._split_negation(item)
     if "%" in body:  # scoped IPv6 addresses: leave them to the full check
         raise _Doubt
+    plain = plain_ipv4_cidr(body)
+    if plain is not None:  # the plain IPv4 spelling: host bits are the given address's
+        value, length = plain
+        if value & ((1 << (32 - length)) - 1):
+            raise _Doubt
+        return negated, ipv4_prefix_interval(value, length)
     lo, hi = cidr_to_interval(body)
     address, slash, _ = body.partition("/")
     # a bare address has no host bits; a prefix written canonically is its network address
