@@ -90,6 +90,7 @@ class Conn:
     tcp_state: TcpState = TcpState.NONE
     deadline_s: int = 0  # wheel bucket the connection sits in
     removed: bool = False
+    nic_slot: int = 0  # the datapath's TCP state slot shared by both entries (0: none)
 
     def flows(self) -> tuple[Flow, ...]:
         return (self.forward,) if self.reverse is None else (self.forward, self.reverse)

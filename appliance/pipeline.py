@@ -64,7 +64,15 @@ from appliance.model import (
     is_ipv4,
 )
 from appliance.policydiff import PolicyDiff
-from appliance.timeouts import NS, TCP_ACK, TCP_SYN, TcpState, Timeouts
+from appliance.timeouts import (
+    NS,
+    TCP_ACK,
+    TCP_SYN,
+    TcpState,
+    Timeouts,
+    next_tcp_state,
+    tcp_conn_over,
+)
 
 FRAG_TIMEOUT_NS: Final = 30 * NS  # how long later fragments may follow their first one
 FRAG_PORT_MAX: Final = 4096  # first fragments remembered per ingress (then the oldest goes)
@@ -674,9 +682,7 @@ class Pipeline:
         if key[1] != 6:
             return False
         flags = frame[47] if frame[12] == 0x08 else frame[67]
-        conn = flow.conn
-        return (flags & (TCP_SYN | TCP_ACK) == TCP_SYN and flow is conn.forward
-                and conn.tcp_state in (TcpState.CLOSING, TcpState.CLOSED))
+        return self._reopens(flow, flags)
 
     def observe(self, frame: bytes, ingress: str, now_ns: int) -> Flow | None:
         """Follow a copy of a packet the datapath already forwarded (TCP control flags).
@@ -748,12 +754,22 @@ class Pipeline:
 
     def _restarts(self, flow: Flow, flags: int) -> bool:
         """A new SYN on a closed/closing connection's forward flow starts a new connection."""
-        conn = flow.conn
-        if (flags & (TCP_SYN | TCP_ACK) == TCP_SYN and flow is conn.forward
-                and conn.tcp_state in (TcpState.CLOSING, TcpState.CLOSED)):
-            self._remove_conn(conn)
+        if self._reopens(flow, flags):
+            self._remove_conn(flow.conn)
             return True
         return False
+
+    def _reopens(self, flow: Flow, flags: int) -> bool:
+        """A SYN (no ACK) on the forward flow of a connection that is over: as the host
+        followed it, or as the datapath judged it from the flags it keeps (a SYN that missed
+        an offloaded entry: the kernel saw the end before the ager folded it here)."""
+        conn = flow.conn
+        if flags & (TCP_SYN | TCP_ACK) != TCP_SYN or flow is not conn.forward:
+            return False
+        if conn.tcp_state in (TcpState.CLOSING, TcpState.CLOSED):
+            return True
+        seen = self.datapath.conn_flags(conn) if flow.offloaded else None
+        return seen is not None and tcp_conn_over(*seen)
 
     def remove_conn(self, conn: Conn) -> None:
         """Remove a connection from the table and the datapath (flush, operator request)."""
@@ -1355,6 +1371,10 @@ class Pipeline:
             return Result(ingress, "slow", "forward", None, d.port, d.direction,
                           actions.output, out, None, steps, key)
         fwd, rev = self._install(d, ingress, key, h, now_ns)
+        first = h.inner.tcp_flags if h.inner is not None else h.tcp_flags
+        if frame is not None and first is not None:  # a datapath keeping TCP state starts
+            fwd.conn.tcp_state = next_tcp_state(TcpState.NONE, first, True)  # from it
+            self.flows.reschedule(fwd.conn)
         offload = self._offload(fwd, now_ns)
         if rev is not None:
             self._offload(rev, now_ns)

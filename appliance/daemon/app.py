@@ -39,11 +39,12 @@ from appliance.daemon.netlink import Link, LinkEvent, LinkWatcher
 from appliance.daemon.settings import Settings
 from appliance.daemon.upcall import FairQueue, Injector, Upcall, UpcallReader
 from appliance.faults import Fault, make_fault
+from appliance.flows import Conn, FlowTable
 from appliance.model import Policy
 from appliance.pipeline import Pipeline, RevalidationStats
 from appliance.policy import ConfigError, parse_policy
 from appliance.policylint import policy_warnings
-from appliance.timeouts import TcpState
+from appliance.timeouts import tcp_state_from_flags
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -71,6 +72,17 @@ def _log_warnings(policy: Policy) -> None:
     """Rules that can never match (appliance.policylint): valid, but nearly always a mistake."""
     for line in policy_warnings(policy):
         log.warning("policy_rule_never_matches", detail=line)
+
+
+def follow_tcp(conn: Conn, datapath: Any, flows: FlowTable) -> None:
+    """Derive an offloaded TCP connection's state (and so its idle timeout) from the flags
+    the datapath gathered in its connection slot (`Datapath.conn_flags`)."""
+    seen = datapath.conn_flags(conn) if conn.proto == 6 else None
+    if seen is not None:
+        state = tcp_state_from_flags(seen[0], seen[1], conn.tcp_state)
+        if state is not conn.tcp_state:
+            conn.tcp_state = state
+            flows.reschedule(conn)
 
 
 class StartupError(Exception):
@@ -424,12 +436,8 @@ class Daemon:
                 conn = flow.conn
                 if last_ns > conn.last_seen_ns:
                     conn.last_seen_ns = last_ns
-                # the kernel copies only SYN/FIN/RST up: the handshake's last ACK and the
-                # first reply of a mid-stream pickup are only seen here, as counters
-                if (conn.tcp_state is TcpState.UNCONFIRMED and flow is conn.reverse) or (
-                        conn.tcp_state is TcpState.SYN_RECEIVED and flow is conn.forward):
-                    conn.tcp_state = TcpState.ESTABLISHED
-                    pipeline.flows.reschedule(conn)
+                # the kernel keeps TCP flags (nothing is copied up): follow the state here
+                follow_tcp(conn, datapath, pipeline.flows)
 
     async def signals(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as sigs:
@@ -614,10 +622,13 @@ class Daemon:
                     r = None
                 if r is not None and r.flow is not None:
                     adopted += 1
+                    # the flags the kernel gathered while no daemon ran
+                    follow_tcp(r.flow.conn, self.datapath, self.pipeline.flows)
                     continue
             if name is None or self.pipeline.flows.get((name, e.packet_key)) is None:
                 self.datapath.remove_raw(e)
                 stale += 1
+        self.datapath.adoption_done()
         log.info("adopted_flows", entries=len(entries), flows=adopted, stale=stale)
 
     def _stop_is_headless(self) -> bool:

@@ -16,6 +16,8 @@ The contract, after the seed ([0045]-[0050]):
   place, with no gap in forwarding; drop it from the cache if the cache cannot execute them.
 * ``hit(flow, length, now)`` -- for caches that the pipeline itself simulates: account a packet
   the cache handled. A kernel datapath never sees its hits in the daemon and returns False.
+* ``conn_flags(conn)`` -- for caches that follow TCP state themselves: the (originator,
+  responder) TCP flags seen on an offloaded connection, None if the cache keeps none.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from appliance.actions import CompiledActions
-from appliance.flows import Flow
+from appliance.flows import Conn, Flow
 from appliance.model import ActionKind
 
 
@@ -67,5 +69,7 @@ class Datapath(Protocol):
     def hit(self, flow: Flow, length: int, now_ns: int) -> bool: ...
 
     def miss(self) -> None: ...
+
+    def conn_flags(self, conn: Conn) -> tuple[int, int] | None: ...
 
     def stats(self) -> CacheStats: ...
