@@ -72,6 +72,7 @@ from appliance.timeouts import (
     Timeouts,
     next_tcp_state,
     tcp_conn_over,
+    tcp_state_from_flags,
 )
 
 FRAG_TIMEOUT_NS: Final = 30 * NS  # how long later fragments may follow their first one
@@ -492,6 +493,9 @@ class Pipeline:
                     self._offload(f, now_ns)
             stats.updated += 1
             return
+        seen = self.datapath.conn_flags(conn)  # what the kernel saw since the last fold
+        if seen is not None:
+            conn.tcp_state = tcp_state_from_flags(seen[0], seen[1], conn.tcp_state)
         self._remove_conn(conn)
         stats.replaced += 1
         if d.conflict is None:
