@@ -240,3 +240,33 @@ def test_a_port_denied_between_two_connections_refuses_the_second(world):
         cl = connect(the_lab.vms[1], 7407, sport)  # allowed again: a new connection again
         exchange(cl, lst).close()
         cl.close()
+
+
+def test_a_connection_that_ended_while_no_daemon_ran_is_adopted_as_over(tmp_path):
+    """Headless restart: the kernel kept the flags while no daemon ran; the next daemon
+    adopts the connection with its slot, sees it is over and lets it go on that timeout."""
+    extra = "[timeouts]\n" + "".join(f"{k} = {v}\n" for k, v in TIMEOUTS.items())
+    sport = 41010
+    with lab(tmp_path) as the_lab:
+        d = Daemon(the_lab, headless=True, sweep=SWEEP, extra=extra, name="h").start()
+        with tcp_listener(the_lab.ext, EXT, 7410) as lst:
+            cl = connect(the_lab.vms[1], 7410, sport)
+            srv = exchange(cl, lst)
+            with Client(d.config.parent / "appliance.sock", T) as c:
+                wait_state(c, sport, "established")
+            assert d.stop() == 0  # headless: the kernel keeps forwarding
+            cl.close()  # FIN both ways, seen by the kernel only
+            assert srv.recv(100) == b""
+            srv.close()
+        d2 = Daemon(the_lab, sweep=SWEEP, extra=extra, name="h")
+        d2.config.write_text(d2.config.read_text().replace("headless = true",
+                                                           "headless = false"))
+        d2.start()
+        try:
+            assert d2.wait_event("adopted_flows")["flows"] >= 1
+            with Client(d2.config.parent / "appliance.sock", T) as c:
+                rows = conn_rows(c, sport)
+                assert [r["tcp_state"] for r in rows] == ["closing", "closing"], rows
+                wait_gone(c, sport, TIMEOUTS["tcp_closing"] + 3)
+        finally:
+            assert d2.stop() == 0
