@@ -39,7 +39,8 @@ NS: Final = 1_000_000_000  # nanoseconds per second
 
 
 class TcpState(enum.StrEnum):
-    """Connection state followed from TCP flags (the GFT copy-on-flags model)."""
+    """Connection state followed from TCP flags: per packet on the host, from the flags a
+    kernel datapath gathered for offloaded connections (`tcp_state_from_flags`)."""
 
     NONE = "none"  # not TCP
     UNCONFIRMED = "unconfirmed"  # picked up mid-stream (no SYN), not yet seen both ways
@@ -95,7 +96,7 @@ TCP_FIN: Final = 0x01
 TCP_SYN: Final = 0x02
 TCP_RST: Final = 0x04
 TCP_ACK: Final = 0x10
-TCP_CONTROL: Final = TCP_FIN | TCP_SYN | TCP_RST  # flags a datapath copies up to the host
+TCP_CONTROL: Final = TCP_FIN | TCP_SYN | TCP_RST  # flags that move a connection's state
 
 
 def next_tcp_state(state: TcpState, flags: int, from_originator: bool) -> TcpState:

@@ -29,7 +29,7 @@ from nstools import Netns
 
 from appliance import packet as pk
 from appliance.actions import CompiledActions, EncapSpec
-from appliance.datapath import tc, tcdev, tcprobe
+from appliance.datapath import tc, tcdev, tclayout, tcprobe
 from appliance.datapath.base import Datapath
 from appliance.flows import Conn, Flow
 from appliance.model import ActionKind, Direction, ip_to_int, mac_to_int
@@ -655,4 +655,26 @@ def test_fresh_start_clears_previous_run(topo: Topo) -> None:
             assert tc_filters(topo, topo.dev[name]) == []
     finally:
         d2.close()
+    assert not os.path.exists(pins)
+
+
+def test_adopting_pins_of_another_layout_starts_afresh(topo: Topo) -> None:
+    """A package upgrade that changed the maps (issue 11 grew the flow value and added the
+    connection slots) restarts headless: the new program cannot use the old pins, so the
+    daemon starts afresh instead of failing to start."""
+    pins = pin_dir(topo, "-layout")
+    os.makedirs(pins, exist_ok=True)
+    nstools.cmd("bpftool", "map", "create", os.path.join(pins, "flows"), "type", "hash",
+                "key", str(tclayout.KEY.size), "value", "136", "entries", "64", "name", "flows")
+    try:
+        d = tc.TcDatapath(netns=topo.hv.name, capacity=1024, pin_dir=pins, adopt=True)
+    except BaseException:
+        nstools.cmd("rm", "-rf", pins)
+        raise
+    try:
+        assert not d.adopted and d.flows.value_size == tclayout.VAL.size
+        attach_all(d, topo)
+        assert d.offload(flow("p1", udp(VM1, 1, VM2, 2), CompiledActions("p2")), 0).ok
+    finally:
+        d.close()
     assert not os.path.exists(pins)

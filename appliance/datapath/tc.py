@@ -130,10 +130,20 @@ class TcDatapath:
         self._adopt_in_use: set[int] = set()  # ... slots of every entry found in the map
         if not adopt:
             self._clear_previous()
-        self._obj = libbpf.BpfObject(obj_path,
-                                     max_entries={"flows": capacity, "conns": capacity + 1},
-                                     pin_dir=self.pin_dir, reuse_pins=adopt,
-                                     pinned_maps=PINNED_MAPS)
+        try:
+            self._obj = self._load(obj_path, adopt)
+        except libbpf.BpfError as e:
+            if not adopt:
+                raise
+            # pins of another layout (an upgrade that changed the maps) that the program
+            # cannot use: start afresh rather than not at all (forwarding pauses until the
+            # ports are attached again), but only if the program loads on its own; if not,
+            # the old state keeps forwarding (fail static) and the error stands
+            libbpf.BpfObject(obj_path, max_entries={"flows": 1, "conns": 2}).close()
+            log.warning("cannot adopt the pinned maps in %s (another layout?), starting "
+                        "afresh: %s", self.pin_dir, str(e).splitlines()[0])
+            self._clear_previous()
+            self._obj = self._load(obj_path, False)
         try:
             self.flows = self._obj.map("flows")
             self.tags = self._obj.map("tags")
@@ -161,6 +171,11 @@ class TcDatapath:
             raise
 
     # ------------------------------------------------------------ lifecycle
+
+    def _load(self, obj_path: str, reuse: bool) -> libbpf.BpfObject:
+        return libbpf.BpfObject(obj_path,
+                                max_entries={"flows": self.capacity, "conns": self.capacity + 1},
+                                pin_dir=self.pin_dir, reuse_pins=reuse, pinned_maps=PINNED_MAPS)
 
     def _clear_previous(self) -> None:
         """Remove a previous run's filters (devices from its pinned tag map), entries, pins."""
@@ -221,7 +236,7 @@ class TcDatapath:
 
         ``mac``: port security in the kernel (only frames from this source MAC can hit).
         ``upcall_pps``/``upcall_burst``: the port's upcall budget, enforced by the program
-        (misses and TCP control copies over it are dropped in the kernel; 0: no budget).
+        (misses over it are dropped in the kernel; 0: no budget).
         replace-filter with explicit handles: attaching twice (or after a restart) replaces
         the old programs instead of adding a second copy (KERNEL.md pitfall 5).
         """
