@@ -169,14 +169,17 @@ def tcp_flags_for_state(state: TcpState) -> tuple[int, int]:
     connection); `tcp_state_from_flags` maps them back to ``state``. CLOSING sets FIN both
     ways (which side sent it is not recorded), so the datapath treats the connection as over,
     as the host does: a new SYN on it is evaluated afresh."""
-    return {
-        TcpState.UNCONFIRMED: (0, 0),  # its ACK came before any reply: not the handshake's
-        TcpState.SYN_SENT: (TCP_SYN, 0),
-        TcpState.SYN_RECEIVED: (TCP_SYN, _SYN_ACK),
-        TcpState.ESTABLISHED: (_SYN_ACK, _SYN_ACK),
-        TcpState.CLOSING: (_SYN_ACK | TCP_FIN, _SYN_ACK | TCP_FIN),
-        TcpState.CLOSED: (_SYN_ACK | TCP_RST, _SYN_ACK),
-    }.get(state, (0, 0))
+    return _RECORD_OF.get(state, (0, 0))
+
+
+_RECORD_OF: Final = {
+    TcpState.UNCONFIRMED: (0, 0),  # its ACK came before any reply: not the handshake's
+    TcpState.SYN_SENT: (TCP_SYN, 0),
+    TcpState.SYN_RECEIVED: (TCP_SYN, _SYN_ACK),
+    TcpState.ESTABLISHED: (_SYN_ACK, _SYN_ACK),
+    TcpState.CLOSING: (_SYN_ACK | TCP_FIN, _SYN_ACK | TCP_FIN),
+    TcpState.CLOSED: (_SYN_ACK | TCP_RST, _SYN_ACK),
+}
 
 
 def tcp_conn_over(fwd: int, rev: int) -> bool:
