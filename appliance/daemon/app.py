@@ -624,9 +624,11 @@ class Daemon:
                     adopted += 1
                     # the flags the kernel gathered while no daemon ran
                     follow_tcp(r.flow.conn, self.datapath, self.pipeline.flows)
-                    continue
-            if name is None or self.pipeline.flows.get((name, e.packet_key)) is None:
-                self.datapath.remove_raw(e)
+                    if r.flow.offloaded:
+                        continue
+            flow = self.pipeline.flows.get((name, e.packet_key)) if name is not None else None
+            if flow is None or not flow.offloaded:  # nobody owns the entry: it would forward
+                self.datapath.remove_raw(e)  # with old actions (e.g. now needs a meter)
                 stale += 1
         self.datapath.adoption_done()
         log.info("adopted_flows", entries=len(entries), flows=adopted, stale=stale)

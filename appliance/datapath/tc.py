@@ -565,9 +565,12 @@ class TcDatapath:
         self._adopt_in_use = in_use
 
     def adoption_done(self) -> None:
-        """Adoption is over: slots of old entries nobody re-created go back to the pool."""
-        if self.slots is not None:
-            for slot in self._adopt_in_use - self._claimed:
+        """Adoption is over: slots of old entries nobody re-created, and that no entry left
+        in the map still names, go back to the pool."""
+        if self.slots is not None and self._adopt_in_use:
+            _kb, vb, n = self.flows.items_raw()
+            named = {CONN_SLOT.unpack_from(vb, i * VAL.size + CONN_OFF)[0] for i in range(n)}
+            for slot in self._adopt_in_use - self._claimed - named:
                 self.slots.give(slot)
         self._carried, self._claimed, self._adopt_in_use = {}, set(), set()
 
