@@ -53,6 +53,8 @@ class ConnSlots:
 
     def give(self, slot: int) -> None:
         """Return ``slot`` to the pool (its connection's last entry left the map)."""
+        if not 0 < slot < self.size or self.free >= len(self._ring):
+            raise ValueError(f"slot {slot} was not handed out")  # a bookkeeping bug
         self._ring[(self._head + self.free) % len(self._ring)] = slot
         self.free += 1
 
