@@ -30,7 +30,14 @@ from typing import Final
 
 from appliance.actions import CompiledActions
 from appliance.model import FIELD_INDEX, Action, Direction
-from appliance.timeouts import NS, TCP_CONTROL, TcpState, Timeouts, next_tcp_state
+from appliance.timeouts import (
+    NS,
+    TCP_CONTROL,
+    TcpState,
+    Timeouts,
+    next_tcp_state,
+    tcp_state_from_flags,
+)
 
 _SRC_PORT: Final = FIELD_INDEX["src_port"]  # in a classifier lookup tuple
 _DST_PORT: Final = FIELD_INDEX["dst_port"]
@@ -104,6 +111,7 @@ class Conn:
     tcp_state: TcpState = TcpState.NONE
     deadline_s: int = 0  # wheel bucket the connection sits in
     removed: bool = False
+    nic_slot: int = 0  # the datapath's TCP state slot shared by both entries (0: none)
 
     def flows(self) -> tuple[Flow, ...]:
         return (self.forward,) if self.reverse is None else (self.forward, self.reverse)
@@ -115,9 +123,8 @@ def fold_kernel_counters(table: FlowTable, flow: Flow, packets: int, nbytes: int
     returns how many packets are new since the last fold.
 
     The datapath counts from its entry's creation: a count below what was folded means a
-    fresh entry (the flow was re-offloaded), counted from zero. The kernel copies only TCP
-    SYN/FIN/RST up, so the handshake's last ACK and the first reply of a mid-stream pickup
-    are only seen here, as counters: they confirm the connection.
+    fresh entry (the flow was re-offloaded), counted from zero. TCP state comes from the
+    kernel's connection slot, not from counters (`follow_kernel_tcp`).
     """
     if packets < flow.kernel_packets:  # a fresh entry (re-offloaded): counts from 0
         flow.kernel_packets = flow.kernel_bytes = 0
@@ -130,11 +137,20 @@ def fold_kernel_counters(table: FlowTable, flow: Flow, packets: int, nbytes: int
     conn = flow.conn
     if last_ns > conn.last_seen_ns:
         conn.last_seen_ns = last_ns
-    if (conn.tcp_state is TcpState.UNCONFIRMED and flow is conn.reverse) or (
-            conn.tcp_state is TcpState.SYN_RECEIVED and flow is conn.forward):
-        conn.tcp_state = TcpState.ESTABLISHED
-        table.reschedule(conn)
     return new
+
+
+def follow_kernel_tcp(table: FlowTable, conn: Conn, seen: tuple[int, int] | None) -> None:
+    """Derive an offloaded TCP connection's state (and so its idle timeout) from the flags
+    the datapath gathered in its connection slot (``seen``: `Datapath.conn_flags`; None:
+    no slot, nothing to follow). The kernel copies nothing up: this is how the host learns
+    of handshakes, FINs and RSTs on offloaded connections."""
+    if seen is None:
+        return
+    state = tcp_state_from_flags(seen[0], seen[1], conn.tcp_state)
+    if state is not conn.tcp_state:
+        conn.tcp_state = state
+        table.reschedule(conn)
 
 
 def lone_drop(flow: Flow) -> bool:

@@ -51,7 +51,15 @@ from appliance.policydiff import PolicyDiff
 from appliance.related import reply_flow_of, translate_error
 from appliance.revalidation import RevalidationStats, Revalidator
 from appliance.templates import Templates, template_key
-from appliance.timeouts import NS, TCP_ACK, TCP_SYN, TcpState, Timeouts
+from appliance.timeouts import (
+    NS,
+    TCP_ACK,
+    TCP_SYN,
+    TcpState,
+    Timeouts,
+    next_tcp_state,
+    tcp_conn_over,
+)
 from appliance.translate import Decision, MeterBook, Translator
 
 EARLY_AGE_INTERVAL_NS: Final = NS  # at most one early-ageing scan per second
@@ -337,9 +345,7 @@ class Pipeline:
         if key[pk.K_PROTO] != pk.PROTO_TCP:
             return False
         flags = frame[47] if frame[12] == 0x08 else frame[67]
-        conn = flow.conn
-        return (flags & (TCP_SYN | TCP_ACK) == TCP_SYN and flow is conn.forward
-                and conn.tcp_state in (TcpState.CLOSING, TcpState.CLOSED))
+        return self._reopens(flow, flags)
 
     def observe(self, frame: bytes, ingress: str, now_ns: int) -> Flow | None:
         """Follow a copy of a packet the datapath already forwarded (TCP control flags).
@@ -412,12 +418,22 @@ class Pipeline:
 
     def _restarts(self, flow: Flow, flags: int) -> bool:
         """A new SYN on a closed/closing connection's forward flow starts a new connection."""
-        conn = flow.conn
-        if (flags & (TCP_SYN | TCP_ACK) == TCP_SYN and flow is conn.forward
-                and conn.tcp_state in (TcpState.CLOSING, TcpState.CLOSED)):
-            self.remove_conn(conn)
+        if self._reopens(flow, flags):
+            self.remove_conn(flow.conn)
             return True
         return False
+
+    def _reopens(self, flow: Flow, flags: int) -> bool:
+        """A SYN (no ACK) on the forward flow of a connection that is over: as the host
+        followed it, or as the datapath judged it from the flags it keeps (a SYN that missed
+        an offloaded entry: the kernel saw the end before the ager folded it here)."""
+        conn = flow.conn
+        if flags & (TCP_SYN | TCP_ACK) != TCP_SYN or flow is not conn.forward:
+            return False
+        if conn.tcp_state in (TcpState.CLOSING, TcpState.CLOSED):
+            return True
+        seen = self.datapath.conn_flags(conn) if flow.offloaded else None
+        return seen is not None and tcp_conn_over(*seen)
 
     def remove_conn(self, conn: Conn) -> None:
         """Remove a connection from the table and the datapath."""
@@ -623,6 +639,10 @@ class Pipeline:
             return Result(ingress, Path.SLOW, Verdict.FORWARD, None, d.port, d.direction,
                           actions.output, out, None, steps, key)
         fwd, rev = self.install(d, ingress, key, h, now_ns)
+        first = h.inner.tcp_flags if h.inner is not None else h.tcp_flags
+        if frame is not None and first is not None:  # a datapath keeping TCP state starts
+            fwd.conn.tcp_state = next_tcp_state(TcpState.NONE, first, True)  # from it
+            self.flows.reschedule(fwd.conn)
         offload = self.offload(fwd, now_ns)
         if rev is not None:
             self.offload(rev, now_ns)

@@ -21,6 +21,7 @@ from appliance import packet as pk
 from appliance.flows import Conn, Flow, LayerStep
 from appliance.policydiff import PolicyDiff
 from appliance.templates import template_key
+from appliance.timeouts import tcp_state_from_flags
 from appliance.translate import Decision
 
 if TYPE_CHECKING:
@@ -146,6 +147,9 @@ class Revalidator:
                     p.offload(f, now_ns)
             stats.updated += 1
             return
+        seen = p.datapath.conn_flags(conn)  # what the kernel saw since the last fold
+        if seen is not None:
+            conn.tcp_state = tcp_state_from_flags(seen[0], seen[1], conn.tcp_state)
         p.remove_conn(conn)
         stats.replaced += 1
         if d.conflict is None:

@@ -39,7 +39,8 @@ NS: Final = 1_000_000_000  # nanoseconds per second
 
 
 class TcpState(enum.StrEnum):
-    """Connection state followed from TCP flags (the GFT copy-on-flags model)."""
+    """Connection state followed from TCP flags: per packet on the host, from the flags a
+    kernel datapath gathered for offloaded connections (`tcp_state_from_flags`)."""
 
     NONE = "none"  # not TCP
     UNCONFIRMED = "unconfirmed"  # picked up mid-stream (no SYN), not yet seen both ways
@@ -95,7 +96,7 @@ TCP_FIN: Final = 0x01
 TCP_SYN: Final = 0x02
 TCP_RST: Final = 0x04
 TCP_ACK: Final = 0x10
-TCP_CONTROL: Final = TCP_FIN | TCP_SYN | TCP_RST  # flags a datapath copies up to the host
+TCP_CONTROL: Final = TCP_FIN | TCP_SYN | TCP_RST  # flags that move a connection's state
 
 
 def next_tcp_state(state: TcpState, flags: int, from_originator: bool) -> TcpState:
@@ -126,3 +127,62 @@ def next_tcp_state(state: TcpState, flags: int, from_originator: bool) -> TcpSta
     if state is TcpState.SYN_SENT and not from_originator:
         return TcpState.ESTABLISHED  # a reply without SYN: simultaneous open or loose pickup
     return state
+
+
+# How far along a connection is: the kernel's flags only ever add up, so the state derived
+# from them must never step back (a late retransmitted SYN-ACK does not reopen a handshake).
+_RANK: Final = {TcpState.NONE: 0, TcpState.UNCONFIRMED: 1, TcpState.SYN_SENT: 1,
+                TcpState.SYN_RECEIVED: 2, TcpState.ESTABLISHED: 3, TcpState.CLOSING: 4,
+                TcpState.CLOSED: 5}
+_SYN_ACK: Final = TCP_SYN | TCP_ACK
+
+
+def tcp_state_from_flags(fwd: int, rev: int, current: TcpState) -> TcpState:
+    """The state of a connection whose datapath saw the TCP flags ``fwd`` (OR of everything
+    the originator sent) and ``rev`` (the responder), given the state recorded so far.
+
+    The kernel keeps flags, not order, so this is `next_tcp_state` read loosely: RST any way
+    -> CLOSED; FIN any way -> CLOSING; SYN+ACK from the responder -> SYN_RECEIVED, and with
+    an ACK from the originator -> ESTABLISHED; a mid-stream pickup (UNCONFIRMED) answered by
+    anything but a bare SYN, or a SYN answered without a SYN (loose pickup), -> ESTABLISHED.
+    Never moves a state backwards. The result is always a state `next_tcp_state` reaches by
+    some sequence of packets with these flags (tests/test_timeouts.py checks exhaustively).
+    """
+    both = fwd | rev
+    if both & TCP_RST:
+        derived = TcpState.CLOSED
+    elif both & TCP_FIN:
+        derived = TcpState.CLOSING
+    elif rev & _SYN_ACK == _SYN_ACK:
+        derived = TcpState.ESTABLISHED if fwd & TCP_ACK else TcpState.SYN_RECEIVED
+    elif (current is TcpState.UNCONFIRMED and rev & ~TCP_SYN) or (
+            current is TcpState.SYN_SENT and rev and not rev & TCP_SYN):
+        derived = TcpState.ESTABLISHED
+    else:
+        return current
+    return derived if _RANK[derived] > _RANK[current] else current
+
+
+def tcp_flags_for_state(state: TcpState) -> tuple[int, int]:
+    """(originator, responder) flags a datapath starts a connection's record with when the
+    host has already followed it to ``state`` (its first packet, a re-offload, a replaced
+    connection); `tcp_state_from_flags` maps them back to ``state``. CLOSING sets FIN both
+    ways (which side sent it is not recorded), so the datapath treats the connection as over,
+    as the host does: a new SYN on it is evaluated afresh."""
+    return _RECORD_OF.get(state, (0, 0))
+
+
+_RECORD_OF: Final = {
+    TcpState.UNCONFIRMED: (0, 0),  # its ACK came before any reply: not the handshake's
+    TcpState.SYN_SENT: (TCP_SYN, 0),
+    TcpState.SYN_RECEIVED: (TCP_SYN, _SYN_ACK),
+    TcpState.ESTABLISHED: (_SYN_ACK, _SYN_ACK),
+    TcpState.CLOSING: (_SYN_ACK | TCP_FIN, _SYN_ACK | TCP_FIN),
+    TcpState.CLOSED: (_SYN_ACK | TCP_RST, _SYN_ACK),
+}
+
+
+def tcp_conn_over(fwd: int, rev: int) -> bool:
+    """What the kernel program calls a connection that is over (a new SYN on it misses):
+    a RST either way, or a FIN both ways."""
+    return bool((fwd | rev) & TCP_RST) or bool(fwd & rev & TCP_FIN)

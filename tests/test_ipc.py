@@ -502,6 +502,7 @@ def test_metrics_endpoint(world):
     assert m['appliance_flow_setup_seconds_bucket{le="+Inf"}'] == \
         m["appliance_flow_setup_seconds_count"] >= 1
     assert "appliance_upcall_queue_depth" in m
+    assert m["appliance_nic_tcp_restarts_total"] >= 0 and "appliance_nic_tcp_syn_open_total" in m
     assert any(k.startswith('appliance_rule_flows_total{port="vm1",layer="nat"') for k in m)
     assert "# TYPE appliance_flow_setup_seconds histogram" in text
     assert _http(world, "/nope")[0] == 404

@@ -31,8 +31,9 @@ from appliance import packet as pk
 from appliance.actions import CompiledActions, EncapSpec
 from appliance.datapath import tc, tcdev, tclayout, tcprobe
 from appliance.datapath.base import Datapath
-from appliance.flows import Flow
+from appliance.flows import Conn, Flow
 from appliance.model import ActionKind, Direction, ip_to_int, mac_to_int
+from appliance.timeouts import TcpState
 
 pytestmark = nstools.requires_root
 
@@ -248,30 +249,93 @@ def test_miss_goes_up_tagged(topo: Topo, dp: tc.TcDatapath) -> None:
         etx.close()
 
 
-def test_tcp_control_copied_up_data_not(topo: Topo, dp: tc.TcDatapath) -> None:
-    syn = tcp(VM1, 40001, VM2, 80, 0x02, dmac=VM2_MAC)
-    data = tcp(VM1, 40001, VM2, 80, 0x18, dmac=VM2_MAC, payload=b"GET /")
-    fin = tcp(VM1, 40001, VM2, 80, 0x11, dmac=VM2_MAC)
-    tx = nstools.packet_socket(topo.vm1, "eth0")
+def tcp_conn(syn: bytes, synack: bytes, state: TcpState = TcpState.SYN_SENT) -> Conn:
+    """A TCP connection p1 -> p2 as the pipeline makes it (forward and reverse flow)."""
+    fwd = flow("p1", syn, CompiledActions("p2"))
+    rev = flow("p2", synack, CompiledActions("p1"))
+    conn = Conn(fwd, rev, pk.PROTO_TCP, 0, 0, 0, tcp_state=state)
+    fwd.conn = rev.conn = conn
+    return conn
+
+
+def test_tcp_state_kept_in_the_kernel_nothing_copied_up(topo: Topo, dp: tc.TcDatapath) -> None:
+    """A real connection (handshake, data, FIN both ways) through entries offloaded as the
+    daemon offloads them after the first SYN: not one packet goes up, the shared slot holds
+    what each side sent, and the originator's next SYN on the 5-tuple misses."""
+    syn = tcp(VM1, 40001, VM2, 8001, 0x02, dmac=VM2_MAC)
+    conn = tcp_conn(syn, tcp(VM2, 8001, VM1, 40001, 0x12, smac=VM2_MAC, dmac=VM1_MAC))
+    free = dp.slots.free
+    lst = nstools.tcp_listener(topo.vm2, VM2, 8001)
+
+    def connect() -> socket.socket:
+        c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        c.settimeout(nstools.RECV_TIMEOUT)
+        c.bind((VM1, 40001))
+        c.connect((VM2, 8001))
+        return c
+
     rx = nstools.packet_socket(topo.vm2, "eth0")
     try:
-        assert dp.offload(flow("p1", syn, CompiledActions("p2")), 0).ok
-        for frame in (syn, data, fin):
-            tx.send(frame)
-            assert rx.recv(lambda f, fr=frame: f == fr) == frame  # forwarded unchanged
-        ups = []
-        deadline = time.monotonic() + nstools.QUIET
-        while time.monotonic() < deadline:
-            ups += nstools.drain_fd(topo.upcall_fd)
+        assert dp.offload(conn.forward, 0).ok and dp.offload(conn.reverse, 0).ok
+        assert conn.nic_slot and dp.slots.free == free - 1  # one slot for both entries
+        assert dp.conn_flags(conn) == (0x02, 0)  # started from the SYN the daemon saw
+        before = dp.kernel_stats()
+        c = topo.vm1.call(connect)
+        lst.settimeout(nstools.RECV_TIMEOUT)
+        s, _ = lst.accept()
+        s.settimeout(nstools.RECV_TIMEOUT)
+        c.sendall(b"GET /")
+        assert s.recv(100) == b"GET /"
+        s.sendall(b"200 OK")
+        assert c.recv(100) == b"200 OK"
+        c.close()
+        assert s.recv(100) == b""
+        s.close()
+        deadline = time.monotonic() + nstools.RECV_TIMEOUT
+        while dp.conn_flags(conn) != (0x02 | 0x18 | 0x01, 0x12 | 0x08 | 0x01):
+            assert time.monotonic() < deadline, dp.conn_flags(conn)  # SYN/ACK/PSH/FIN only
             time.sleep(0.02)
-        tag = TAGS["p1"] | tclayout.TAG_COPY
-        assert pk.push_vlan(syn, tag) in ups
-        assert pk.push_vlan(fin, tag) in ups
-        assert not any(u[16:] == data[12:] for u in ups)
-        assert dp.kernel_stats()["copy"] >= 2
+        time.sleep(nstools.QUIET)
+        assert nstools.drain_fd(topo.upcall_fd) == []  # not one copy, not one miss
+        after = dp.kernel_stats()
+        assert after["copy"] == before["copy"] and after["upcall"] == before["upcall"]
+        assert after["tcp_restart"] == before["tcp_restart"]
+        # over (FIN both ways): the originator's next SYN is a miss, sent up as one
+        tx = nstools.packet_socket(topo.vm1, "eth0")
+        try:
+            tx.send(syn)
+        finally:
+            tx.close()
+        got = nstools.read_fd(topo.upcall_fd, lambda f: f[16:] == syn[12:])
+        assert got == pk.push_vlan(syn, TAGS["p1"])
+        assert rx.recv(lambda f: f == syn, timeout=nstools.QUIET) is None
+        assert dp.kernel_stats()["tcp_restart"] == after["tcp_restart"] + 1
+        # the slot lives as long as one of the connection's entries does
+        dp.remove(conn.forward)
+        assert conn.nic_slot and dp.slots.free == free - 1
+        dp.remove(conn.reverse)
+        assert conn.nic_slot == 0 and dp.slots.free == free
     finally:
-        tx.close()
         rx.close()
+        lst.close()
+
+
+def test_slots_only_for_forwarding_tcp_connections(dp: tc.TcDatapath) -> None:
+    free = dp.slots.free
+    u = flow("p1", udp(VM1, 5401, VM2, 5402, dmac=VM2_MAC), CompiledActions("p2"))
+    u.conn = Conn(u, None, pk.PROTO_UDP, 0, 0, 0)
+    denied = tcp_conn(tcp(VM1, 40003, VM2, 25, 0x02, dmac=VM2_MAC),
+                      tcp(VM2, 25, VM1, 40003, 0x12, smac=VM2_MAC, dmac=VM1_MAC))
+    denied.forward.actions = CompiledActions(None, "acl")
+    assert dp.offload(u, 0).ok and dp.offload(denied.forward, 0).ok
+    assert u.conn.nic_slot == 0 and denied.nic_slot == 0 and dp.slots.free == free
+    # a connection offloaded mid-life starts its slot from the state the host followed
+    est = tcp_conn(tcp(VM1, 40004, VM2, 80, 0x10, dmac=VM2_MAC),
+                   tcp(VM2, 80, VM1, 40004, 0x10, smac=VM2_MAC, dmac=VM1_MAC),
+                   TcpState.ESTABLISHED)
+    assert dp.offload(est.reverse, 0).ok
+    assert dp.conn_flags(est) == (0x12, 0x12)
 
 
 def test_counters_count(topo: Topo, dp: tc.TcDatapath) -> None:
@@ -591,4 +655,26 @@ def test_fresh_start_clears_previous_run(topo: Topo) -> None:
             assert tc_filters(topo, topo.dev[name]) == []
     finally:
         d2.close()
+    assert not os.path.exists(pins)
+
+
+def test_adopting_pins_of_another_layout_starts_afresh(topo: Topo) -> None:
+    """A package upgrade that changed the maps (issue 11 grew the flow value and added the
+    connection slots) restarts headless: the new program cannot use the old pins, so the
+    daemon starts afresh instead of failing to start."""
+    pins = pin_dir(topo, "-layout")
+    os.makedirs(pins, exist_ok=True)
+    nstools.cmd("bpftool", "map", "create", os.path.join(pins, "flows"), "type", "hash",
+                "key", str(tclayout.KEY.size), "value", "136", "entries", "64", "name", "flows")
+    try:
+        d = tc.TcDatapath(netns=topo.hv.name, capacity=1024, pin_dir=pins, adopt=True)
+    except BaseException:
+        nstools.cmd("rm", "-rf", pins)
+        raise
+    try:
+        assert not d.adopted and d.flows.value_size == tclayout.VAL.size
+        attach_all(d, topo)
+        assert d.offload(flow("p1", udp(VM1, 1, VM2, 2), CompiledActions("p2")), 0).ok
+    finally:
+        d.close()
     assert not os.path.exists(pins)

@@ -14,6 +14,7 @@ if [ "$OUT" -nt "$SRC" ] && [ "$OUT" -nt appliance/datapath/bpf/flowcache.h ] &&
     echo "build-bpf: $OUT is up to date"
     exit 0
 fi
-"$CLANG" -O2 -g -Wall -Werror -target bpf -I"/usr/include/$MULTIARCH" -c "$SRC" -o "$OUT.tmp"
+# -mcpu=v3: the atomic OR that keeps TCP flags per connection (kernel >= 5.12; Debian 12 has 6.1)
+"$CLANG" -O2 -g -Wall -Werror -target bpf -mcpu=v3 -I"/usr/include/$MULTIARCH" -c "$SRC" -o "$OUT.tmp"
 mv "$OUT.tmp" "$OUT"
 echo "build-bpf: built $OUT"

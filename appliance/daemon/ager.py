@@ -19,7 +19,7 @@ import trio
 
 from appliance.datapath.base import KernelDatapath
 from appliance.faults import Fault
-from appliance.flows import fold_kernel_counters
+from appliance.flows import fold_kernel_counters, follow_kernel_tcp
 from appliance.pipeline import Pipeline
 from appliance.revalidation import RevalidationStats
 
@@ -94,6 +94,9 @@ class Ager:
             new = fold_kernel_counters(flows, flow, packets, nbytes, last_ns)
             if new > 0:
                 datapath.used(flow, new)
+                conn = flow.conn
+                if conn.proto == 6:  # the kernel keeps TCP flags: follow the state here
+                    follow_kernel_tcp(flows, conn, datapath.conn_flags(conn))
 
     async def revalidate_all(self) -> RevalidationStats:
         """Revalidate every stale connection now, yielding to other tasks between chunks."""

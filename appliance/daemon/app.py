@@ -45,6 +45,7 @@ from appliance.daemon.slowpath import SlowPath
 from appliance.daemon.upcall import FairQueue, Injector, UpcallReader
 from appliance.datapath.base import KernelDatapath
 from appliance.faults import Fault, make_fault
+from appliance.flows import follow_kernel_tcp
 from appliance.model import Policy
 from appliance.pipeline import Pipeline
 from appliance.policy import ConfigError, parse_policy
@@ -508,10 +509,16 @@ class Daemon:
                     r = None
                 if r is not None and r.flow is not None:
                     adopted += 1
-                    continue
-            if name is None or self.pipeline.flows.get((name, e.packet_key)) is None:
-                self.dp.remove_raw(e)
+                    conn = r.flow.conn  # the flags the kernel gathered while no daemon ran
+                    if conn.proto == 6:
+                        follow_kernel_tcp(self.pipeline.flows, conn, self.dp.conn_flags(conn))
+                    if r.flow.offloaded:
+                        continue
+            flow = self.pipeline.flows.get((name, e.packet_key)) if name is not None else None
+            if flow is None or not flow.offloaded:  # nobody owns the entry: it would forward
+                self.dp.remove_raw(e)  # with old actions (e.g. now needs a meter)
                 stale += 1
+        self.dp.adoption_done()
         log.info("adopted_flows", entries=len(entries), flows=adopted, stale=stale)
 
     def _stop_is_headless(self) -> bool:

@@ -131,6 +131,12 @@ async def render(daemon: Daemon) -> str:
     for field in ("hits", "misses", "evictions", "offloads", "refusals"):
         e.family(f"appliance_nic_{field}_total", "counter", f"Kernel cache {field}.",
                  [({}, getattr(st, field))])
+    k = daemon.dp.kernel_stats()
+    e.family("appliance_nic_tcp_restarts_total", "counter", "SYNs on a finished TCP "
+             "connection the kernel sent up as new connections.", [({}, k["tcp_restart"])])
+    e.family("appliance_nic_tcp_syn_open_total", "counter", "SYNs on an open TCP connection "
+             "the kernel forwarded (retransmits, or nothing it can judge).",
+             [({}, k["tcp_syn_open"])])
     fq = daemon.up.upcall_queue
     e.family("appliance_upcall_queue_depth", "gauge", "Upcalls waiting for the slow path.",
              [({}, fq.depth if fq is not None else 0)])

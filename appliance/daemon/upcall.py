@@ -4,7 +4,8 @@ The miss filter on every switch device pushes an 802.1Q tag carrying the device'
 and redirects the packet to the upcall TAP, so one TAP serves all ports and the ingress is
 known without a socket per port. Tag bit 0x800 marks a *copy* (a TCP SYN/FIN/RST the kernel
 already forwarded; GFT's copy-on-flags): the daemon follows connection state from it but must
-not send it again. Frame format read from the TAP::
+not send it again. The program keeps TCP state itself now and sends no copies; the bit is
+still understood. Frame format read from the TAP::
 
     [dst mac][src mac][0x8100][tag: 0x800 copy | port tag][original ethertype ...]
 

@@ -16,6 +16,8 @@ The contract, after the seed ([0045]-[0050]):
   place, with no gap in forwarding; drop it from the cache if the cache cannot execute them.
 * ``hit(flow, length, now)`` -- for caches that the pipeline itself simulates: account a packet
   the cache handled. A kernel datapath never sees its hits in the daemon and returns False.
+* ``conn_flags(conn)`` -- for caches that follow TCP state themselves: the (originator,
+  responder) TCP flags seen on an offloaded connection, None if the cache keeps none.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from appliance.actions import CompiledActions
-from appliance.flows import Flow
+from appliance.flows import Conn, Flow
 from appliance.model import ActionKind
 
 
@@ -69,6 +71,8 @@ class Datapath(Protocol):
 
     def miss(self) -> None: ...
 
+    def conn_flags(self, conn: Conn) -> tuple[int, int] | None: ...
+
     def stats(self) -> CacheStats: ...
 
 
@@ -111,3 +115,5 @@ class KernelDatapath(Datapath, Protocol):
     def forget_installed(self) -> None: ...
 
     def remove_raw(self, entry: Any) -> None: ...
+
+    def adoption_done(self) -> None: ...

@@ -15,7 +15,7 @@ from typing import Final
 from appliance.datapath.base import CacheStats, OffloadResult, unsupported_kinds
 from appliance.datapath.cachebook import CacheBook
 from appliance.datapath.cachepolicy import CachePolicy
-from appliance.flows import Flow
+from appliance.flows import Conn, Flow
 from appliance.model import ActionKind
 
 DEFAULT_CAPACITY: Final = 65536  # flows
@@ -105,6 +105,10 @@ class SimNic:
     def miss(self) -> None:
         """Account a packet the cache did not handle (it went to the host)."""
         self._stats.misses += 1
+
+    def conn_flags(self, conn: Conn) -> tuple[int, int] | None:
+        """None: this cache keeps no TCP state (the pipeline follows every packet itself)."""
+        return None
 
     def stats(self) -> CacheStats:
         s = self._stats

@@ -5,13 +5,16 @@ What runs where (see ``bpf/flowcache.bpf.c``):
 * ``flowcache`` (prio `PRIO_FLOWCACHE`) parses each frame into the daemon's exact flow key
   (`appliance.packet.flow_key` plus the ingress ifindex), looks it up in the pinned ``flows``
   hash map and executes the compiled action: decap, NAT, MACs, VXLAN encap over IPv4, then
-  ``bpf_redirect`` to the output device, or drop. TCP SYN/FIN/RST of offloaded flows are also
-  copied up (tag | `TAG_COPY`) so the daemon can follow connection state (GFT copy-on-flags).
+  ``bpf_redirect`` to the output device, or drop. TCP connections keep their state in the
+  kernel: both entries share a slot of the ``conns`` array (`appliance.datapath.tcpslots`)
+  where the program ORs each side's flags; nothing is copied up, and a SYN on a finished
+  connection misses so that the daemon evaluates it afresh.
 * ``upcall`` (prio `PRIO_UPCALL`, the lowest) takes every miss, pushes an 802.1Q tag carrying
   the ingress port's tag and redirects it to the upcall TAP. The daemon reads frames as
   ``[dst mac][src mac][0x8100][TCI = tag][original ethertype][original payload]``; a tag with
-  bit 0x800 set is a copy of a forwarded TCP control packet (never re-inject it). A frame that
-  arrived tagged keeps its own tag after ours (``0x8100 tag 0x8100 vid ...``).
+  bit 0x800 set was a copy of a forwarded TCP control packet (older programs; the daemon still
+  understands it). A frame that arrived tagged keeps its own tag after ours
+  (``0x8100 tag 0x8100 vid ...``).
 
 The Python side encodes keys/values with `struct` (fast) against ctypes mirrors of the C
 structs whose sizes are asserted here and checked against the loaded object's BTF sizes.
@@ -41,10 +44,13 @@ from appliance.datapath.base import CacheStats, OffloadResult, unsupported_kinds
 from appliance.datapath.cachebook import CacheBook
 from appliance.datapath.tclayout import (
     CFG_UPCALL_IFINDEX,
+    CONN_OFF,
+    CONN_SLOT,
     COUNTERS,
     ETH_P_ALL,
     FILTER_HANDLE,
     FV_ICMP_ID,
+    FV_REVERSE,
     FV_SPORT,
     KEY,
     NS_PER_S,
@@ -64,17 +70,22 @@ from appliance.datapath.tclayout import (
     decode_key,
     encode_key,
     encode_value,
+    join_conn_flags,
+    split_conn_flags,
 )
 from appliance.datapath.tcprobe import ProgramProbe, probe_tc
-from appliance.flows import Flow
+from appliance.datapath.tcpslots import ConnSlots
+from appliance.flows import Conn, Flow
 from appliance.model import ActionKind
+from appliance.timeouts import tcp_flags_for_state
 
 log = logging.getLogger(__name__)
 
 BPF_OBJECT: Final = str(Path(__file__).parent / "bpf" / "flowcache.bpf.o")
 DEFAULT_CAPACITY: Final = 262144  # flows (BPF hash map max_entries)
 PIN_ROOT: Final = libbpf.PIN_ROOT
-PINNED_MAPS: Final = ("flows", "tags", "config", "stats", "ports")
+PINNED_MAPS: Final = ("flows", "tags", "config", "stats", "ports", "conns")
+PROTO_TCP: Final = 6
 
 
 # ==============================================================================================
@@ -91,7 +102,8 @@ class TcDatapath:
 
     ``adopt``: reuse the pinned maps a previous (headless-closed) run left, entries included;
     otherwise whatever a previous run left (entries, pins, its filters on the devices it had
-    attached) is removed first. ``capacity`` is the flows map's max_entries.
+    attached) is removed first. ``capacity`` is the flows map's max_entries; the ``conns``
+    array has one slot more (slot 0 means none), so every connection can have one.
     """
 
     name = "tc"
@@ -112,11 +124,26 @@ class TcDatapath:
         self._stats = CacheStats(capacity=capacity)
         self._host_misses = 0
         self._closed = False
+        self.slots: ConnSlots | None = None
+        self._carried: dict[bytes, int] = {}  # adoption: forward map key -> its live slot
+        self._claimed: set[int] = set()  # ... slots re-created connections took back
+        self._adopt_in_use: set[int] = set()  # ... slots of every entry found in the map
         if not adopt:
             self._clear_previous()
-        self._obj = libbpf.BpfObject(obj_path, max_entries={"flows": capacity},
-                                     pin_dir=self.pin_dir, reuse_pins=adopt,
-                                     pinned_maps=PINNED_MAPS)
+        try:
+            self._obj = self._load(obj_path, adopt)
+        except libbpf.BpfError as e:
+            if not adopt:
+                raise
+            # pins of another layout (an upgrade that changed the maps) that the program
+            # cannot use: start afresh rather than not at all (forwarding pauses until the
+            # ports are attached again), but only if the program loads on its own; if not,
+            # the old state keeps forwarding (fail static) and the error stands
+            libbpf.BpfObject(obj_path, max_entries={"flows": 1, "conns": 2}).close()
+            log.warning("cannot adopt the pinned maps in %s (another layout?), starting "
+                        "afresh: %s", self.pin_dir, str(e).splitlines()[0])
+            self._clear_previous()
+            self._obj = self._load(obj_path, False)
         try:
             self.flows = self._obj.map("flows")
             self.tags = self._obj.map("tags")
@@ -128,11 +155,15 @@ class TcDatapath:
             if (self.flows.key_size, self.flows.value_size) != (KEY.size, VAL.size):
                 raise RuntimeError(f"flow map layout mismatch: object has "
                                    f"{self.flows.key_size}/{self.flows.value_size} bytes")
+            self.conns = self._obj.map("conns")
+            self.slots = ConnSlots(self.conns)
             self.adopted = "flows" in self._obj.reused
             if upcall_ifindex:
                 self.set_upcall(upcall_ifindex)
             self.capabilities: frozenset[ActionKind] = self._probe_program()[0]
         except BaseException:
+            if self.slots is not None:
+                self.slots.close()
             if "flows" not in self._obj.reused:
                 self._obj.unpin(PINNED_MAPS)  # ours and half-made: leave nothing behind
             self._obj.close()
@@ -140,6 +171,11 @@ class TcDatapath:
             raise
 
     # ------------------------------------------------------------ lifecycle
+
+    def _load(self, obj_path: str, reuse: bool) -> libbpf.BpfObject:
+        return libbpf.BpfObject(obj_path,
+                                max_entries={"flows": self.capacity, "conns": self.capacity + 1},
+                                pin_dir=self.pin_dir, reuse_pins=reuse, pinned_maps=PINNED_MAPS)
 
     def _clear_previous(self) -> None:
         """Remove a previous run's filters (devices from its pinned tag map), entries, pins."""
@@ -162,7 +198,7 @@ class TcDatapath:
                 os.unlink(os.path.join(self.pin_dir, name))
 
     def set_upcall(self, ifindex: int) -> None:
-        """Point the miss filter (and TCP control copies) at the upcall device ``ifindex``."""
+        """Point the miss filter at the upcall device ``ifindex``."""
         self.config.update(struct.pack("=I", CFG_UPCALL_IFINDEX), struct.pack("=I", ifindex))
 
     def close(self, headless: bool = False) -> None:
@@ -181,6 +217,8 @@ class TcDatapath:
                 self.flows.clear()
                 self._obj.unpin(PINNED_MAPS)
         finally:
+            if self.slots is not None:
+                self.slots.close()
             self._obj.close()
             self._ipr.close()
 
@@ -198,7 +236,7 @@ class TcDatapath:
 
         ``mac``: port security in the kernel (only frames from this source MAC can hit).
         ``upcall_pps``/``upcall_burst``: the port's upcall budget, enforced by the program
-        (misses and TCP control copies over it are dropped in the kernel; 0: no budget).
+        (misses over it are dropped in the kernel; 0: no budget).
         replace-filter with explicit handles: attaching twice (or after a restart) replaces
         the old programs instead of adding a second copy (docs/KERNEL.md pitfall 5).
         """
@@ -311,9 +349,13 @@ class TcDatapath:
         for victim in verdict.victims:
             self.book.evict(victim)
             self._delete(victim)
+        slot = self._slot_of(flow, key)  # after the victims: one may have held the slot
+        if slot:
+            value = b"".join((value[:CONN_OFF], CONN_SLOT.pack(slot), value[CONN_OFF + 4:]))
         try:
             self.flows.update(key, value)
         except libbpf.BpfError as e:
+            self._release_slot(flow.conn)
             if e.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
                 self._stats.refusals += 1
                 self.book.policy.forget(flow.key)  # admitted on paper only: no ghost entry
@@ -339,6 +381,51 @@ class TcDatapath:
                 self._fold_last(flow, key)
                 self.flows.delete(key)
         flow.kernel_packets = flow.kernel_bytes = 0  # a new entry counts from zero again
+        self._release_slot(flow.conn)
+
+    # ------------------------------------------------------------ TCP connection slots
+
+    def _slot_of(self, flow: Flow, key: bytes) -> int:
+        """The connection slot ``flow``'s entry carries (0: none): forwarding TCP flows only.
+
+        The first entry of a connection to be offloaded takes a slot and starts it from the
+        state the host followed so far (the first packet's SYN, or more after a re-offload);
+        its pair shares it. During adoption a forward entry keeps the live slot the previous
+        run gave it, flags and all.
+        """
+        conn = flow.conn
+        slots = self.slots
+        if slots is None or conn is None or conn.proto != PROTO_TCP or (
+                flow.actions.output is None):
+            return 0
+        if not conn.nic_slot:
+            slot = self._carried.pop(key, 0)
+            if slot and slot not in self._claimed:
+                self._claimed.add(slot)
+            else:
+                slot = slots.take()
+                if not slot:  # cannot happen: one slot per possible entry
+                    log.warning("no free TCP connection slot: %s runs untracked", flow.key)
+                    return 0
+                slots.write(slot, join_conn_flags(*tcp_flags_for_state(conn.tcp_state)))
+            conn.nic_slot = slot
+        return conn.nic_slot
+
+    def _release_slot(self, conn: Conn | None) -> None:
+        """Free the connection's slot once none of its entries is in the map any more."""
+        if conn is None or not conn.nic_slot or self.slots is None:
+            return
+        if not any(f.offloaded for f in conn.flows()):
+            self.slots.give(conn.nic_slot)
+            conn.nic_slot = 0
+
+    def conn_flags(self, conn: Conn) -> tuple[int, int] | None:
+        """(originator, responder) TCP flags the program has seen on ``conn`` (an OR over
+        its life, what the host started the slot with included); None: no slot. A memory
+        read, no syscall: cheap enough for the ager to call per connection."""
+        if not conn.nic_slot or self.slots is None:
+            return None
+        return split_conn_flags(self.slots.read(conn.nic_slot))
 
     def _fold_last(self, flow: Flow, key: bytes) -> None:
         """What the kernel forwarded since the last sweep, read before the entry goes, so
@@ -392,7 +479,8 @@ class TcDatapath:
         self._host_misses += 1
 
     def kernel_stats(self) -> dict[str, int]:
-        """Program counters summed over CPUs: hit, miss, drop, upcall, copy, error, notag."""
+        """Program counters summed over CPUs (`STAT_NAMES`): hit, miss, drop, upcall, copy,
+        error, notag, upcall_limited, spoofed_mac, tcp_restart, tcp_syn_open."""
         out = {}
         ncpu = self.stats_map.value_size // 8
         for i, name in enumerate(STAT_NAMES):
@@ -441,19 +529,52 @@ class TcDatapath:
         for raw, val in self.flows.items():
             ifindex, packet_key = decode_key(raw)
             fields = VAL.unpack(val)
-            out, flags, packets, nbytes, last = fields[:5]
-            new_sport = fields[7] if flags & FV_SPORT else fields[9] if flags & FV_ICMP_ID else 0
+            out, flags, packets, nbytes, last, conn = fields[:6]
+            new_sport = fields[8] if flags & FV_SPORT else fields[10] if flags & FV_ICMP_ID else 0
+            seen = (split_conn_flags(self.slots.read(conn))
+                    if conn and self.slots is not None and conn < self.slots.size else (0, 0))
             entries.append(Entry(self._names.get(ifindex, ifindex), packet_key,
                                  None if out == 0 else self._names.get(out, out), flags,
-                                 packets, nbytes, last, new_sport))
+                                 packets, nbytes, last, new_sport, conn, seen))
         return entries
 
     def forget_installed(self) -> None:
-        """Drop the record of installed flows without touching the map (after adopt)."""
+        """Drop the record of installed flows without touching the map (adoption starts).
+
+        The entries still in the map keep their connection slots: the pool will not hand
+        those out, and a forward entry re-created by the adoption keeps its own (the flags
+        the program gathered while no daemon ran). Call `adoption_done` afterwards.
+        """
         self._installed.clear()
         self._by_raw.clear()
         self.book = CacheBook(self.capacity, per_port=self.book.per_port,
                               policy=self.book.policy.name)
+        if self.slots is None:
+            return
+        kb, vb, n = self.flows.items_raw()
+        ks, vs = KEY.size, VAL.size
+        carried: dict[bytes, int] = {}
+        in_use: set[int] = set()
+        for i in range(n):
+            flags = struct.unpack_from("=I", vb, i * vs + 4)[0]
+            slot = CONN_SLOT.unpack_from(vb, i * vs + CONN_OFF)[0]
+            if 0 < slot < self.slots.size:
+                in_use.add(slot)
+                if not flags & FV_REVERSE:
+                    carried[kb[i * ks:(i + 1) * ks]] = slot
+        self.slots.keep_only(in_use)
+        self._carried, self._claimed = carried, set()
+        self._adopt_in_use = in_use
+
+    def adoption_done(self) -> None:
+        """Adoption is over: slots of old entries nobody re-created, and that no entry left
+        in the map still names, go back to the pool."""
+        if self.slots is not None and self._adopt_in_use:
+            _kb, vb, n = self.flows.items_raw()
+            named = {CONN_SLOT.unpack_from(vb, i * VAL.size + CONN_OFF)[0] for i in range(n)}
+            for slot in self._adopt_in_use - self._claimed - named:
+                self.slots.give(slot)
+        self._carried, self._claimed, self._adopt_in_use = {}, set(), set()
 
     # ------------------------------------------------------------ probing
 

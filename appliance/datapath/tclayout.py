@@ -28,7 +28,7 @@ TC_INGRESS: Final = 0xFFFFFFF2  # clsact ingress parent
 ETH_P_ALL: Final = 0x0003
 TAG_MIN: Final = 1
 TAG_MAX: Final = 2047  # bit 0x800 of the 12-bit VID marks copies
-TAG_COPY: Final = 0x800
+TAG_COPY: Final = 0x800  # copies of TCP control packets (the program no longer sends any)
 TC_ACT_SHOT: Final = 2
 TC_ACT_REDIRECT: Final = 7
 TC_ACT_UNSPEC: Final = -1
@@ -48,11 +48,16 @@ FV_ENCAP: Final = 1 << 8
 FV_ENCAP6: Final = 1 << 9
 FV_OSMAC: Final = 1 << 10
 FV_ODMAC: Final = 1 << 11
-FV_REVERSE: Final = 1 << 31  # userspace bookkeeping only: the program never reads it
+FV_REVERSE: Final = 1 << 31  # the responder's entry: its TCP flags go to the slot's 2nd byte
+CONN_REV_SHIFT: Final = 8  # `conns` slot: originator's flags in bits 0-7, responder's 8-15
 
-ST_HIT, ST_MISS, ST_DROP, ST_UPCALL, ST_COPY, ST_ERROR, ST_NOTAG, ST_LIMITED, ST_SPOOFED = range(9)
+(ST_HIT, ST_MISS, ST_DROP, ST_UPCALL, ST_COPY, ST_ERROR, ST_NOTAG, ST_LIMITED, ST_SPOOFED,
+ ST_TCP_RESTART, ST_TCP_SYN_OPEN) = range(11)
+# "copy" stays (always 0 now: the program keeps TCP state and copies nothing up);
+# tcp_restart: SYNs on a closed connection sent up as misses; tcp_syn_open: SYNs on an open
+# connection, forwarded
 STAT_NAMES: Final = ("hit", "miss", "drop", "upcall", "copy", "error", "notag",
-                     "upcall_limited", "spoofed_mac")
+                     "upcall_limited", "spoofed_mac", "tcp_restart", "tcp_syn_open")
 PORT_CHECK_MAC: Final = 1  # struct port_cfg.flags
 NS_PER_S: Final = 1_000_000_000
 # struct port_cfg: mac, flags, upcall interval/tolerance (ns), miss tat/drops, copy tat/drops
@@ -77,23 +82,26 @@ class FlowValC(ctypes.Structure):
 
     _fields_ = [("out_ifindex", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
-                ("last_seen_ns", ctypes.c_uint64),
+                ("last_seen_ns", ctypes.c_uint64), ("conn", ctypes.c_uint32),
                 ("new_src", _U8_16), ("new_dst", _U8_16), ("new_sport", ctypes.c_uint16),
                 ("new_dport", ctypes.c_uint16), ("new_icmp_id", ctypes.c_uint16),
                 ("smac", _U8_6), ("dmac", _U8_6), ("osmac", _U8_6), ("odmac", _U8_6),
                 ("enc_sport", ctypes.c_uint16), ("enc_dport", ctypes.c_uint16),
                 ("pad", ctypes.c_uint16), ("vni", ctypes.c_uint32), ("enc_src", _U8_16),
-                ("enc_dst", _U8_16)]
+                ("enc_dst", _U8_16), ("pad2", ctypes.c_uint32)]
 
 
 KEY: Final = struct.Struct("=IBBHHHI16s16s16s16s")
-VAL: Final = struct.Struct("=IIQQQ16s16sHHH6s6s6s6sHHHI16s16s")
+VAL: Final = struct.Struct("=IIQQQI16s16sHHH6s6s6s6sHHHI16s16sI")
 COUNTERS_OFF: Final = 8  # bytes into a VAL
+CONN_OFF: Final = 32  # bytes into a VAL: the connection slot
+CONN_SLOT: Final = struct.Struct("=I")
 # packets, bytes, last_seen_ns of a whole VAL (VAL-sized, so iter_unpack strides by entries)
 COUNTERS: Final = struct.Struct(f"={COUNTERS_OFF}xQQQ{VAL.size - COUNTERS_OFF - 24}x")
 assert ctypes.sizeof(FlowKeyC) == KEY.size == 80
-assert ctypes.sizeof(FlowValC) == VAL.size == 136
+assert ctypes.sizeof(FlowValC) == VAL.size == 144
 assert FlowValC.packets.offset == COUNTERS_OFF and COUNTERS.size == VAL.size
+assert FlowValC.conn.offset == CONN_OFF and FlowValC.pad2.offset == VAL.size - 4
 
 _ZERO16: Final = bytes(16)
 _ZERO6: Final = bytes(6)
@@ -119,6 +127,8 @@ class Entry:
     bytes: int
     last_seen_ns: int
     new_sport: int = 0  # translated source port (or ICMP id) the entry writes, 0: none
+    conn: int = 0  # TCP connection slot, 0: none
+    conn_flags: tuple[int, int] = (0, 0)  # the slot's (originator, responder) TCP flags
 
 
 # ==============================================================================================
@@ -239,11 +249,13 @@ def _encap_fields(e: EncapSpec | None, packet_key: tuple) -> tuple[int, bytes, b
 
 
 def encode_value(out_ifindex: int, a: CompiledActions, packet_key: tuple,
-                 counters: tuple[int, int, int] = (0, 0, 0), *, reverse: bool = False) -> bytes:
+                 counters: tuple[int, int, int] = (0, 0, 0), *, reverse: bool = False,
+                 conn: int = 0) -> bytes:
     """The map value executing ``a`` on packets of ``packet_key``; ``counters`` carried over.
 
-    ``reverse`` marks the reply half of a connection (`FV_REVERSE`, ignored by the program):
-    a restarted daemon rebuilds connections from their forward entries only.
+    ``reverse`` marks the reply half of a connection (`FV_REVERSE`): the program ORs its TCP
+    flags into the responder's byte of slot ``conn`` (0: no slot), and a restarted daemon
+    rebuilds connections from their forward entries only.
     """
     flags = FV_DECAP if a.decap and packet_key[pk.K_TUN] is not None else 0
     if reverse:
@@ -253,8 +265,18 @@ def encode_value(out_ifindex: int, a: CompiledActions, packet_key: tuple,
     eflag, esrc, edst = _encap_fields(a.encap, packet_key)
     e = a.encap
     return VAL.pack(
-        out_ifindex, flags | mflags | eflag, *counters,
+        out_ifindex, flags | mflags | eflag, *counters, conn,
         _addr16(a.src) if a.src is not None else _ZERO16,
         _addr16(a.dst) if a.dst is not None else _ZERO16,
         a.sport or 0, a.dport or 0, a.icmp_id or 0, smac, dmac, osmac, odmac,
-        e.src_port if e else 0, e.dst_port if e else 0, 0, e.vni if e else 0, esrc, edst)
+        e.src_port if e else 0, e.dst_port if e else 0, 0, e.vni if e else 0, esrc, edst, 0)
+
+
+def split_conn_flags(seen: int) -> tuple[int, int]:
+    """(originator, responder) TCP flags of a `conns` slot value."""
+    return seen & 0xFF, (seen >> CONN_REV_SHIFT) & 0xFF
+
+
+def join_conn_flags(fwd: int, rev: int) -> int:
+    """The `conns` slot value holding these (originator, responder) flags."""
+    return (fwd & 0xFF) | (rev & 0xFF) << CONN_REV_SHIFT

@@ -26,9 +26,11 @@ Modes (who talks to whom; ``--mode``):
 
 Prints, per variant, the median connections/s over the rounds (and the spread), the ratio to
 the bridge, and for applianced: kernel upcalls (misses) and copies (TCP SYN/FIN/RST of cached
-flows) per connection from the daemon's ``nic`` IPC method (the BPF program's counters), the
-upcall TAP's own tx counter, new flows set up per connection (``status``), and the daemon's
-CPU time per 1k connections (/proc/<pid>/stat). Asserts nothing. Needs root, nginx and wrk
+flows; none since the program keeps TCP state itself, issue 11), restarts (SYNs on finished
+connections, sent up as misses) and SYNs forwarded on open connections per connection from
+the daemon's ``nic`` IPC method (the BPF program's counters), the upcall TAP's own tx
+counter, new flows set up per connection (``status``), and the daemon's CPU time per 1k
+connections (/proc/<pid>/stat). Asserts nothing. Needs root, nginx and wrk
 (tools/setup.sh installs them).
 
     tools/bench/conn_rate.py [--quick] [--mode snat|vip|vm] [--rounds 3] [--seconds 10]
@@ -315,6 +317,7 @@ def with_daemon(the_lab: Lab, name: str) -> Iterator[Callable[[], dict]]:
         tap = json.loads(cmd("ip", "-n", the_lab.hv.name, "-s", "-j", "link", "show",
                              UPCALL_DEVICE))[0]["stats64"]["tx"]
         return {"upcalls": k["upcall"], "copies": k["copy"], "misses": k["miss"],
+                "restarts": k.get("tcp_restart", 0), "syn_open": k.get("tcp_syn_open", 0),
                 "tap": tap["packets"], "tap_dropped": tap["dropped"],
                 "budget_drops": st["upcalls"]["drops"], "created": st["flows"]["created"],
                 "cpu": cpu_seconds(pid)}
@@ -371,7 +374,8 @@ def measure(the_lab: Lab, mode: Mode, variant: str, seconds: float, name: str) -
         delta = {k: after[k] - before[k] for k in before}
         run.upcalls, run.copies, run.tap = delta["upcalls"], delta["copies"], delta["tap"]
         run.created, run.cpu = delta["created"], delta["cpu"]
-        run.extra = {k: delta[k] for k in ("misses", "tap_dropped", "budget_drops")}
+        run.extra = {k: delta[k] for k in ("misses", "tap_dropped", "budget_drops",
+                                           "restarts", "syn_open")}
     return run
 
 
@@ -407,6 +411,8 @@ def report(runs: list[Run], variants: list[str]) -> None:
         ("upcalls + copies", lambda r: per_conn(r, r.upcalls + r.copies), ".2f"),
         ("  upcalls (misses sent up)", lambda r: per_conn(r, r.upcalls), ".2f"),
         ("  copies (SYN/FIN/RST)", lambda r: per_conn(r, r.copies), ".2f"),
+        ("  of the misses: restarts", lambda r: per_conn(r, r.extra["restarts"]), ".3f"),
+        ("SYNs on open conns (kernel)", lambda r: per_conn(r, r.extra["syn_open"]), ".3f"),
         ("upcall TAP tx packets", lambda r: per_conn(r, r.tap), ".2f"),
         ("flow pairs set up", lambda r: per_conn(r, r.created), ".2f"),
         ("daemon CPU ms per 1k conns", lambda r: per_conn(r, r.cpu * 1e6), ".0f"),

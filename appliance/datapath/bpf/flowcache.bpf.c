@@ -11,6 +11,12 @@
  *   upcall (lowest priority): push an 802.1Q tag carrying the ingress port's tag and redirect
  *     the frame to the upcall TAP the daemon reads.
  *
+ * TCP state stays in the kernel: both entries of a connection share a slot in `conns` where
+ * the program ORs the flags each side sent. The daemon's ager reads the slots to follow the
+ * connection's state (and idle timeout); nothing is copied up. The originator's SYN (no ACK)
+ * arriving on a connection that is over (a RST either way, or a FIN both ways) is a miss, so
+ * a reused 5-tuple is evaluated against the current policy as a new connection.
+ *
  * Being conservative is the rule: a miss costs an upcall, a wrong hit corrupts traffic.
  * Packet bytes are read with bpf_skb_load_bytes (works on non-linear skbs, docs/KERNEL.md pitfall 3)
  * and written with the store/csum helpers.
@@ -42,7 +48,10 @@
 #define VXLAN_PORT 4789
 #define VXLAN_HLEN 8
 #define VXLAN_FLAG_I 0x08
-#define TCP_CONTROL_FLAGS 0x07 /* FIN | SYN | RST */
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
 #define ETH_P_8021AD_ 0x88A8
 #define DEFAULT_TTL 64
 #define IPV4_DF 0x4000
@@ -64,6 +73,16 @@ struct {
 	__type(key, __u32);   /* ifindex */
 	__type(value, __u32); /* port tag, 1..2047 */
 } tags SEC(".maps");
+
+/* TCP flags seen per connection slot (see flowcache.h). Memory-mappable: the daemon reads
+ * and initialises slots in place, without a syscall. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 262145); /* set from Python before load: flows capacity + 1 */
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u32);
+} conns SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -318,15 +337,12 @@ static __always_inline int gcra(struct port_cfg *pc, __u64 *tatp, __u64 *drops)
 	return 1;
 }
 
-/* ``copy``: a TCP control copy (its own budget) rather than a miss. */
-static __always_inline int upcall_allowed(__u32 ifindex, int copy)
+static __always_inline int upcall_allowed(__u32 ifindex)
 {
 	struct port_cfg *pc = bpf_map_lookup_elem(&ports, &ifindex);
 
 	if (!pc || !pc->upcall_interval_ns)
 		return 1;
-	if (copy)
-		return gcra(pc, &pc->copy_tat, &pc->copy_drops);
 	return gcra(pc, &pc->tat, &pc->upcall_drops);
 }
 
@@ -343,22 +359,35 @@ static __always_inline int mac_allowed(__u32 ifindex, const __u8 *smac)
 	       *(const __u16 *)(smac + 4) == *(const __u16 *)(pc->mac + 4);
 }
 
-/* Copy a TCP SYN/FIN/RST of an offloaded flow to the daemon (GFT copy-on-flags), tagged
- * with the port tag | TAG_COPY so it follows the connection state but never re-injects it. */
-static __always_inline void copy_up(struct __sk_buff *skb)
+/* The connection is over: a RST either way, or a FIN both ways. */
+static __always_inline int conn_closed(__u32 seen)
 {
-	__u32 idx = CFG_UPCALL_IFINDEX;
-	__u32 ifindex = skb->ifindex;
-	__u32 *up = bpf_map_lookup_elem(&config, &idx);
-	__u32 *tag = bpf_map_lookup_elem(&tags, &ifindex);
+	return (seen & (TCP_RST | (TCP_RST << CONN_REV_SHIFT))) ||
+	       ((seen & TCP_FIN) && (seen & (TCP_FIN << CONN_REV_SHIFT)));
+}
 
-	if (!up || !*up || !tag || !upcall_allowed(ifindex, 1))
-		return;
-	if (bpf_skb_vlan_push(skb, bpf_htons(ETH_P_8021Q), (*tag | TAG_COPY) & 0xFFF) < 0)
-		return;
-	if (bpf_clone_redirect(skb, *up, 0) == 0)
-		count(ST_COPY);
-	bpf_skb_vlan_pop(skb);
+/* Follow the TCP state of a hit in its connection slot. Returns 0 when the packet must miss
+ * instead: the originator's SYN without ACK on a connection that is over starts a new one,
+ * which the daemon evaluates against the current policy (the responder's is forwarded, as
+ * the daemon's own restart rule would: Pipeline._reopens). Flags are ORed in only when
+ * they add bits, so the steady state costs a read, never an atomic operation per packet. */
+static __always_inline int track_tcp(struct flow_val *v, __u8 flags)
+{
+	__u32 *slot = bpf_map_lookup_elem(&conns, &v->conn);
+	__u32 seen, bits;
+
+	if (!slot)
+		return 1;
+	seen = *(volatile __u32 *)slot;
+	if ((flags & (TCP_SYN | TCP_ACK)) == TCP_SYN) {
+		if (!(v->flags & FV_REVERSE) && conn_closed(seen))
+			return 0;
+		count(ST_SYN_OPEN); /* a retransmitted SYN, or one the kernel cannot judge */
+	}
+	bits = (__u32)flags << ((v->flags & FV_REVERSE) ? CONN_REV_SHIFT : 0);
+	if ((seen & bits) != bits)
+		__sync_fetch_and_or(slot, bits);
+	return 1;
 }
 
 /* Strip outer Ethernet-after-MACs + IP + UDP + VXLAN + inner Ethernet header MAC part:
@@ -542,8 +571,6 @@ static __always_inline int execute(struct __sk_buff *skb, struct flow_key *k, st
 		count(ST_DROP);
 		return TC_ACT_SHOT;
 	}
-	if (k->proto == IPPROTO_TCP && (p->tcp_flags & TCP_CONTROL_FLAGS))
-		copy_up(skb);
 	if ((v->flags & FV_DECAP) && k->tunnel && decap(skb, p) < 0)
 		goto error;
 	if ((v->flags & (FV_SRC | FV_DST | FV_SPORT | FV_DPORT | FV_ICMP_ID)) &&
@@ -579,6 +606,10 @@ int flowcache(struct __sk_buff *skb)
 	v = bpf_map_lookup_elem(&flows, &k);
 	if (!v)
 		goto miss;
+	if (k.proto == IPPROTO_TCP && v->conn && v->out_ifindex && !track_tcp(v, p.tcp_flags)) {
+		count(ST_RESTART);
+		goto miss;
+	}
 	count(ST_HIT);
 	return execute(skb, &k, &p, v);
 miss:
@@ -600,7 +631,7 @@ int upcall(struct __sk_buff *skb)
 		count(ST_NOTAG);
 		return TC_ACT_SHOT;
 	}
-	if (!upcall_allowed(ifindex, 0))
+	if (!upcall_allowed(ifindex))
 		return TC_ACT_SHOT;
 	if (bpf_skb_vlan_push(skb, bpf_htons(ETH_P_8021Q), *tag & 0x7FF) < 0) {
 		count(ST_ERROR);

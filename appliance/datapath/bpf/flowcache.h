@@ -42,9 +42,16 @@ struct flow_key {
 #define FV_ENCAP6    (1u << 9)  /* VXLAN over IPv6 (not implemented: refused by userspace) */
 #define FV_OSMAC     (1u << 10) /* outer source MAC of the encapsulated frame */
 #define FV_ODMAC     (1u << 11)
+#define FV_REVERSE   (1u << 31) /* the responder's entry of a connection (its flags byte) */
 
-/* Hot fields first: a forward-only hit touches the first 32 bytes of the value only, which
- * share a cache line with the end of the key (the table-size benchmark is memory bound). */
+/* map `conns`: one __u32 per connection slot (flow_val.conn), shared by the connection's two
+ * entries: the OR of the TCP flags seen from the originator in bits 0-7, from the responder
+ * in bits 8-15. Slot 0 is never used (flow_val.conn == 0: no slot). */
+#define CONN_REV_SHIFT 8
+
+/* Hot fields first: a forward-only hit touches the first 36 bytes of the value only (the
+ * slot only for TCP), which share a cache line with the end of the key (the table-size
+ * benchmark is memory bound). */
 struct flow_val {
 	__u32 out_ifindex;   /* 0: drop */
 	__u32 flags;
@@ -52,6 +59,7 @@ struct flow_val {
 	__u64 packets;
 	__u64 bytes;
 	__u64 last_seen_ns;
+	__u32 conn;          /* TCP connection slot in `conns`, 0: none */
 	__u8 new_src[16];
 	__u8 new_dst[16];
 	__u16 new_sport;
@@ -67,6 +75,7 @@ struct flow_val {
 	__u32 vni;
 	__u8 enc_src[16];
 	__u8 enc_dst[16];
+	__u32 pad2;          /* explicit: the size stays a multiple of 8 */
 };
 
 /* Per-port settings (map `ports`, key: ifindex), written by userspace at attach; tat and
@@ -80,8 +89,8 @@ struct port_cfg {
 	__u64 upcall_tolerance_ns; /* ... with this much burst tolerance */
 	__u64 tat;                 /* GCRA theoretical arrival time of misses */
 	__u64 upcall_drops;        /* misses over the budget */
-	__u64 copy_tat;            /* the same for TCP control copies, a budget of their own: */
-	__u64 copy_drops;          /* a storm of RSTs never costs a port its misses */
+	__u64 copy_tat;            /* unused since the program keeps TCP state itself (it */
+	__u64 copy_drops;          /* copied SYN/FIN/RST up with a budget of their own) */
 };
 
 /* stats per-CPU array indexes */
@@ -90,12 +99,14 @@ enum {
 	ST_MISS = 1,
 	ST_DROP = 2,
 	ST_UPCALL = 3,
-	ST_COPY = 4,
+	ST_COPY = 4, /* no longer counted: TCP control packets are not copied up any more */
 	ST_ERROR = 5,
 	ST_NOTAG = 6,
 	ST_LIMITED = 7, /* upcalls over a port's budget, dropped in the kernel */
 	ST_SPOOFED = 8, /* frames from a port with another source MAC: sent up, never hit */
-	ST_MAX = 10,
+	ST_RESTART = 9, /* SYNs (no ACK) on a closed connection's entry: sent up as misses */
+	ST_SYN_OPEN = 10, /* SYNs (no ACK) on an open connection: forwarded, never sent up */
+	ST_MAX = 16,
 };
 
 /* config array indexes */
@@ -103,7 +114,5 @@ enum {
 	CFG_UPCALL_IFINDEX = 0,
 	CFG_MAX = 4,
 };
-
-#define TAG_COPY 0x800 /* added to the port tag of copies of TCP control packets */
 
 #endif
