@@ -306,7 +306,7 @@ def stateless_drop(live: Pipeline, conn: Conn, fresh: Pipeline,
                    frames: dict[tuple, bytes]) -> bool:
     """A drop flow revalidation made where a fresh pipeline drops the packet for the same
     reason without remembering anything (``no_port``: an address no port owns any more).
-    The wire sees the same; the table differs (see the tests10 report to the lead)."""
+    The wire sees the same; the table differs: tests/test_revalidation_findings.py."""
     fwd = conn.forward
     if conn.reverse is not None or fwd.actions.output is not None:
         return False
