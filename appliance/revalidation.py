@@ -122,14 +122,20 @@ class Revalidator:
             d = p.translator.evaluate(h, ingress, key, own=conn, prefer_sport=prefer)
             if tkey is not None:
                 p.templates.remember(tkey, h.sport, d)  # type: ignore[arg-type]
-        same_shape = d.conflict is None and d.rkey == (rev.key if rev is not None else None)
+        # a fresh pipeline keeps no flow for a packet no port owns (the slow path forwards
+        # or drops it alone): neither does revalidation, so such a decision replaces below
+        same_shape = d.conflict is None and d.port is not None and d.rkey == (
+            rev.key if rev is not None else None)
         if same_shape and d.actions == fwd.actions and (
                 rev is None or d.ractions == rev.actions):
-            # same actions, but possibly decided by other rules now: record those, or the
-            # next policy diff would reason from rules that no longer decide this flow
+            # same actions, but possibly decided by other rules (of another port) now:
+            # record those, or the next policy diff would reason from rules and ports that
+            # no longer decide this flow
             self._restep(fwd, d.steps, d.template_port)
+            fwd.port, fwd.direction = d.port, d.direction  # type: ignore[assignment]
             if rev is not None:
                 self._restep(rev, d.rsteps, d.template_port)
+                rev.port, rev.direction = d.rport, d.rdirection  # type: ignore[assignment]
             conn.generation = gen
             stats.unchanged += 1
             return
@@ -138,6 +144,8 @@ class Revalidator:
             rev.actions = d.ractions  # type: ignore[assignment]
             self._restep(fwd, d.steps, d.template_port)
             self._restep(rev, d.rsteps, d.template_port)
+            fwd.port, fwd.direction = d.port, d.direction  # type: ignore[assignment]
+            rev.port, rev.direction = d.rport, d.rdirection  # type: ignore[assignment]
             conn.generation = gen
             for f in (fwd, rev):
                 f.nic_refused = None
@@ -152,7 +160,7 @@ class Revalidator:
             conn.tcp_state = tcp_state_from_flags(seen[0], seen[1], conn.tcp_state)
         p.remove_conn(conn)
         stats.replaced += 1
-        if d.conflict is None:
+        if d.conflict is None and d.port is not None:
             new_fwd, new_rev = p.install(d, ingress, key, h, now_ns)
             new_conn = new_fwd.conn
             new_conn.tcp_state = conn.tcp_state

@@ -72,11 +72,20 @@ def test_tcp_out_through_snat_both_directions(world):
             echo_round_trip(c, s, 3)
 
 
+def no_smtp_drops(d: Daemon) -> int:
+    """Packets the acl's outbound no-smtp rule dropped, from the daemon's ``rules`` method."""
+    with Client(d.config.parent / "appliance.sock", T) as c:
+        rows = c.call("rules", layer="acl", direction="out")
+    return next(r["drops"] for r in rows if r["name"] == "no-smtp")
+
+
 def test_denied_outbound_port_does_not_connect(world):
-    the_lab, _ = world
+    the_lab, d = world
+    before = no_smtp_drops(d)
     lst = tcp_listener(the_lab.ext, "192.0.2.10", 25)
     with lst, pytest.raises(OSError):
         connect(the_lab.vms[1], "192.0.2.10", 25, timeout=1.0)
+    assert no_smtp_drops(d) > before  # the deny rule dropped it, not a lost packet
 
 
 def test_inbound_ssh_allowed_from_its_network_only(world):

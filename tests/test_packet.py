@@ -466,19 +466,86 @@ VALID_SAMPLES: list[bytes] = [
 ]
 
 
+def _ones_sum(data: bytes) -> int:
+    """RFC 1071 the slow, obvious way: 16-bit words, carries folded until none is left."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(data[i] << 8 | data[i + 1] for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _pseudo(h: pk.Headers, length: int) -> bytes:
+    """The TCP/UDP/ICMPv6 pseudo-header, written out from RFC 793 / RFC 8200 section 8.1."""
+    if h.ip_version == 4:
+        return ((h.src & 0xFFFF_FFFF).to_bytes(4, "big") + (h.dst & 0xFFFF_FFFF).to_bytes(4, "big")
+                + bytes([0, h.proto]) + length.to_bytes(2, "big"))
+    return (h.src.to_bytes(16, "big") + h.dst.to_bytes(16, "big") + length.to_bytes(4, "big")
+            + bytes([0, 0, 0, h.proto]))
+
+
+def reference_checksums(data: bytes, h: pk.Headers) -> dict[str, bool]:
+    """What `pk.verify_checksums` must report for a frame `pk.parse` read as ``h``: each
+    checksum it can see, recomputed here with `_ones_sum` (a region is right when its words,
+    checksum included, sum to 0xFFFF)."""
+    out: dict[str, bool] = {}
+    l4_names = {(6, 4): "tcp", (6, 6): "tcp", (17, 4): "udp", (17, 6): "udp", (1, 4): "icmp",
+                (58, 6): "icmpv6"}
+    for prefix, p in (("", h), ("inner_", h.inner)):
+        if p is None:
+            continue
+        if p.ip_version == 4:
+            ihl = (data[p.l3_off] & 0x0F) * 4
+            out[prefix + "ipv4"] = _ones_sum(data[p.l3_off:p.l3_off + ihl]) == 0xFFFF
+        name = l4_names.get((p.proto, p.ip_version))
+        if name is None or p.frag != pk.FRAG_NONE or p.l4_off is None:
+            continue
+        seg = data[p.l4_off:p.ip_end]
+        if p.proto == 17:
+            seg = seg[:int.from_bytes(seg[4:6], "big")]
+            if p.ip_version == 4 and seg[6:8] == b"\0\0":
+                out[prefix + name] = True  # IPv4 UDP without a checksum
+                continue
+        if p.proto != 1:
+            seg = _pseudo(p, len(seg)) + seg
+        out[prefix + name] = _ones_sum(seg) == 0xFFFF
+    e = h.embedded
+    if e is not None and e.ip_version == 4:
+        ihl = (data[e.l3_off] & 0x0F) * 4
+        out["embedded_ipv4"] = _ones_sum(data[e.l3_off:e.l3_off + ihl]) == 0xFFFF
+    return out
+
+
+def fast_path_shape(h: pk.Headers) -> bool:
+    """Frames `pk.fast_flow_key` exists for and must key itself (None would send every
+    packet of the common case through the full parser): untagged TCP/UDP in IPv4 without
+    options or IPv6 without extension headers, not fragmented, not to the VXLAN port."""
+    return (h.l3_off == pk.ETH_HLEN and h.vlan is None and h.inner is None
+            and h.frag == pk.FRAG_NONE and h.proto in (6, 17) and h.ip_version in (4, 6)
+            and h.l4_off == h.l3_off + (20 if h.ip_version == 4 else 40)
+            and not (h.proto == 17 and h.dport == pk.VXLAN_PORT))
+
+
 def check_parse_result(data: bytes) -> None:
-    """The parser's contract on any input: Headers or a documented reason, never an error."""
+    """The parser's contract on any input: Headers or a documented reason, never an error;
+    the fast key agrees with the parser and covers its common case; checksums reported as a
+    from-scratch recomputation finds them."""
     h = pk.parse(data)
     if isinstance(h, str):
         assert h in pk.DROP_REASONS
         assert pk.fast_flow_key(data) is None
+        assert pk.verify_checksums(data) == {}
         return
     key = pk.flow_key(h)
     fast = pk.fast_flow_key(data)
-    assert fast is None or fast == key
+    if fast_path_shape(h):
+        assert fast is not None and fast == key
+    else:
+        assert fast is None or fast == key
     if key is not None:
         assert pk.reverse_key(pk.reverse_key(key)) == key
-    pk.verify_checksums(data)
+    assert pk.verify_checksums(data) == reference_checksums(data, h)
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
