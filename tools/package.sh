@@ -73,8 +73,11 @@ fi
 # No byte-code in the package: the postinst compiles it in place and the prerm removes it
 # (Debian's py3compile/py3clean way), so whatever Python writes there later goes too.
 find "$VENV" -name __pycache__ -prune -exec rm -rf {} +
-# The wheels' extension modules keep their symbols; strip them as dh_strip would.
-find "$VENV" -name '*.so' -exec strip --strip-unneeded {} +
+# The wheels' extension modules and bundled libraries (rapidyaml ships versioned
+# libryml.so.0.15.2 etc.) keep their symbols and exec bits; strip and chmod them as
+# dh_strip and dh_fixperms would.
+find "$VENV" -type f \( -name '*.so' -o -name '*.so.*' \) \
+    -exec strip --strip-unneeded {} + -exec chmod 0644 {} +
 
 # 3. Documentation: man pages, changelog, copyright.
 DOC=$BUILD/doc
