@@ -53,6 +53,7 @@ from appliance.datapath.tclayout import (
     FV_REVERSE,
     FV_SPORT,
     KEY,
+    LAST_SEEN,
     NS_PER_S,
     PORT_CFG,
     PORT_CHECK_MAC,
@@ -121,6 +122,8 @@ class TcDatapath:
         self._names: dict[int, str] = {}
         self._installed: dict[tuple, bytes] = {}  # flow.key -> map key
         self._by_raw: dict[bytes, tuple] = {}  # map key -> flow.key
+        # between begin_batch and flush_batch: entries to write (map key -> value, flow)
+        self._pending: dict[bytes, tuple[bytes, Flow]] | None = None
         self._stats = CacheStats(capacity=capacity)
         self._host_misses = 0
         self._closed = False
@@ -352,15 +355,15 @@ class TcDatapath:
         slot = self._slot_of(flow, key)  # after the victims: one may have held the slot
         if slot:
             value = b"".join((value[:CONN_OFF], CONN_SLOT.pack(slot), value[CONN_OFF + 4:]))
-        try:
-            self.flows.update(key, value)
-        except libbpf.BpfError as e:
-            self._release_slot(flow.conn)
-            if e.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
-                self._stats.refusals += 1
-                self.book.policy.forget(flow.key)  # admitted on paper only: no ghost entry
+        if self._pending is not None:  # written by flush_batch, before any re-injection
+            self._pending[key] = (value, flow)
+        else:
+            try:
+                self.flows.update(key, value)
+            except libbpf.BpfError as e:
+                if not self._map_full(flow, e):
+                    raise
                 return OffloadResult(False, "full", verdict.victims)
-            raise
         old = self._by_raw.get(key)
         if old is not None and old != flow.key:
             self._installed.pop(old, None)
@@ -372,9 +375,56 @@ class TcDatapath:
         self._stats.evictions += len(verdict.victims)
         return OffloadResult(True, None, verdict.victims)
 
+    def _map_full(self, flow: Flow, e: libbpf.BpfError) -> bool:
+        """A write of ``flow``'s entry failed: True (and the flow left unoffloaded, its slot
+        back) if the map is full, False for any other error (the caller raises)."""
+        self._release_slot(flow.conn)
+        if e.errno not in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+            return False
+        self._stats.refusals += 1
+        self.book.policy.forget(flow.key)  # admitted on paper only: no ghost entry
+        return True
+
+    # ------------------------------------------------------------ batched writes
+
+    def begin_batch(self) -> None:
+        """Collect the entries `offload`/`update` write until `flush_batch` (the slow path
+        brackets each slice of upcalls: one BPF_MAP_UPDATE_BATCH instead of a syscall per
+        entry; measured 0.5 vs 1.7 us per entry here)."""
+        if self._pending is None:
+            self._pending = {}
+
+    def flush_batch(self) -> list[Flow]:
+        """Write the collected entries; returns the flows whose entry could not be written
+        (map full: they stay in the host table, unoffloaded, as a refused offload would)."""
+        pending, self._pending = self._pending, None
+        if not pending:
+            return []
+        keys = list(pending)
+        done, err = self.flows.update_batch(b"".join(keys),
+                                            b"".join(v for v, _ in pending.values()), len(keys))
+        failed = []
+        for key in keys[done:] if err is not None else ():
+            value, flow = pending[key]
+            try:
+                self.flows.update(key, value)
+            except libbpf.BpfError as e:
+                if self._installed.get(flow.key) == key:  # undo what offload booked
+                    del self._installed[flow.key]
+                    self._by_raw.pop(key, None)
+                    self.book.drop(flow)
+                    self._stats.offloads -= 1
+                flow.offloaded = False
+                if not self._map_full(flow, e):
+                    log.error("flow entry not written: %s (%s)", flow.key, e)
+                failed.append(flow)
+        return failed
+
     def _delete(self, flow: Flow) -> None:
         key = self._installed.pop(flow.key, None)
         flow.offloaded = False
+        if key is not None and self._pending is not None:
+            self._pending.pop(key, None)  # never written: nothing to delete or fold
         if key is not None:
             self._by_raw.pop(key, None)
             with contextlib.suppress(libbpf.BpfError):  # already gone (device removed, ...)
@@ -511,13 +561,23 @@ class TcDatapath:
         can do it without holding the GIL; decode with `decode_counters` in small slices."""
         return self.flows.items_raw()
 
-    def decode_counters(self, kb: bytes, vb: bytes, start: int,
-                        stop: int) -> Iterator[tuple[bytes, tuple[int, int, int]]]:
-        """(raw key, (packets, bytes, last_seen_ns)) for entries ``start:stop`` of the blobs."""
+    def decode_counters(self, kb: bytes, vb: bytes, start: int, stop: int,
+                        since_ns: int = 0) -> Iterator[tuple[bytes, tuple[int, int, int]]]:
+        """(raw key, (packets, bytes, last_seen_ns)) for entries ``start:stop`` of the blobs
+        last seen at or after ``since_ns`` (every hit sets last_seen_ns: older entries have
+        nothing new since a read that began after ``since_ns``)."""
         ks, vs = KEY.size, VAL.size
         unpack = COUNTERS.unpack_from
-        for i in range(start, stop):
-            yield kb[i * ks:(i + 1) * ks], unpack(vb, i * vs)
+        if since_ns <= 0:
+            for i in range(start, stop):
+                yield kb[i * ks:(i + 1) * ks], unpack(vb, i * vs)
+            return
+        # most of a big table is idle between two sweeps: find the active entries in C
+        # (iter_unpack) and decode only those
+        scan = LAST_SEEN.iter_unpack(memoryview(vb)[start * vs:stop * vs])
+        for i, (last,) in enumerate(scan, start):
+            if last >= since_ns:
+                yield kb[i * ks:(i + 1) * ks], unpack(vb, i * vs)
 
     def flow_key_of(self, raw: bytes) -> tuple | None:
         """The flow key an installed raw map key belongs to (None: not ours)."""
