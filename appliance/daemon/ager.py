@@ -17,9 +17,11 @@ from typing import Any, Final
 import structlog
 import trio
 
+from appliance.daemon.rates import RateMeter
 from appliance.datapath.base import KernelDatapath
 from appliance.faults import Fault
 from appliance.flows import fold_kernel_counters, follow_kernel_tcp
+from appliance.outcomes import Path
 from appliance.pipeline import Pipeline
 from appliance.revalidation import RevalidationStats
 
@@ -50,17 +52,27 @@ class Ager:
         self._read_on = read_on if read_on is not None else trio.to_thread.run_sync
         self._sync_lock = trio.Lock()  # one counter fold at a time (ager, IPC, metrics)
         self._since_ns = 0  # entries last seen before this were folded already (0: fold all)
+        self.rates = RateMeter()  # per-second kernel and slow-path counters (operators)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             await trio.sleep(self.interval)
             # each step isolated: a fault in one sweep is logged, the next sweep runs
-            for step in (self.sync_counters, self.revalidate_all, self.expire):
+            for step in (self.sync_counters, self.revalidate_all, self.expire, self.sample):
                 try:
                     await step()
                 except Exception as exc:
                     self._record_fault("sweep", exc)
+
+    async def sample(self) -> None:
+        """Sample what the per-second rates are computed from: the kernel's counters, the
+        slow path's evaluations and the connections set up on the host."""
+        counters = dict(self.datapath.kernel_stats())
+        p = self.pipeline
+        counters["slow_path"] = p.counters.paths[Path.SLOW]
+        counters["connections"] = p.flows.created
+        self.rates.observe(self._clock(), counters)
 
     async def expire(self) -> None:
         expired = self.pipeline.age(self._clock())

@@ -267,8 +267,8 @@ class Map:
                 if first and rc in (-errno.EINVAL, -ENOTSUPP, -errno.EOPNOTSUPP):
                     return self._items_slow()
                 check(rc, f"lookup_batch {self.name}")
-            keys.append(kbuf.raw[: n * self.key_size])
-            vals.append(vbuf.raw[: n * self.value_size])
+            keys.append(ctypes.string_at(kbuf, n * self.key_size))  # one copy (.raw: two)
+            vals.append(ctypes.string_at(vbuf, n * self.value_size))
             total += n
             if rc == -errno.ENOENT:
                 break
